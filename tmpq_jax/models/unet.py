@@ -1,0 +1,177 @@
+"""Named configurations of diffusers' `FlaxUNet2DConditionModel` and a class-conditional wrapper.
+
+The wrapper takes NHWC images, integer timesteps and integer class labels. Labels are embedded as a single
+cross-attention token, so the UNet's cross-attention blocks carry the condition. Label `num_classes` is the
+null label (used by models trained without labels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _silence_diffusers() -> None:
+    """diffusers 0.39 prints a deprecation warning at every Flax module setup(); silence it."""
+    import diffusers.utils.logging as dlog
+
+    dlog.set_verbosity_error()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+_silence_diffusers()
+from diffusers import FlaxUNet2DConditionModel  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A named model: the diffusers UNet config plus the data shape and label count."""
+
+    name: str
+    unet: dict[str, Any]
+    image_size: int
+    channels: int
+    num_classes: int
+    description: str
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.channels)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.unet["cross_attention_dim"])
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "mnist-small": ModelSpec(
+        name="mnist-small",
+        unet=dict(
+            sample_size=28,
+            in_channels=1,
+            out_channels=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            attention_head_dim=8,
+            cross_attention_dim=64,
+        ),
+        image_size=28,
+        channels=1,
+        num_classes=10,
+        description="class-conditional 28x28x1 UNet, attention at 14x14 and in the 7x7 mid block",
+    ),
+    "mnist-tiny": ModelSpec(
+        name="mnist-tiny",
+        unet=dict(
+            sample_size=28,
+            in_channels=1,
+            out_channels=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 32),
+            layers_per_block=1,
+            attention_head_dim=8,
+            cross_attention_dim=32,
+        ),
+        image_size=28,
+        channels=1,
+        num_classes=10,
+        description="a small class-conditional UNet for tests and quick demos",
+    ),
+    "cifar-ddpm": ModelSpec(
+        name="cifar-ddpm",
+        unet=dict(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(128, 256, 256, 256),
+            layers_per_block=2,
+            attention_head_dim=32,
+            cross_attention_dim=256,
+        ),
+        image_size=32,
+        channels=3,
+        num_classes=0,
+        description="sized like DDPM's CIFAR-10 UNet (128-256-256-256, attention at 16x16), unconditional",
+    ),
+    "sd-1.x": ModelSpec(
+        name="sd-1.x",
+        unet=dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=8,
+            cross_attention_dim=768,
+        ),
+        image_size=64,
+        channels=4,
+        num_classes=0,
+        description="Stable Diffusion 1.x UNet shapes on 64x64x4 latents (one 768-d context token here)",
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODEL_SPECS:
+        raise ValueError(f"unknown model {name!r}; valid names: {sorted(MODEL_SPECS)}")
+    return MODEL_SPECS[name]
+
+
+class ConditionalUNet(nn.Module):
+    """eps_theta(x_t, t, y): a diffusers Flax UNet on NHWC inputs with labels as one cross-attention token."""
+
+    unet_config: tuple[tuple[str, Any], ...]
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+        cfg = dict(self.unet_config)
+        unet = FlaxUNet2DConditionModel(**cfg, dtype=self.dtype, name="unet")
+        if labels is None:
+            labels = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+        context = nn.Embed(self.num_classes + 1, cfg["cross_attention_dim"], name="label_embedding")(labels)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+        out = unet(jnp.transpose(x, (0, 3, 1, 2)).astype(self.dtype), t, context[:, None, :].astype(self.dtype),
+                   return_dict=False)[0]
+        return jnp.transpose(out, (0, 2, 3, 1)).astype(x.dtype)
+
+
+def build_model(spec: ModelSpec | str, dtype: Any = jnp.float32) -> ConditionalUNet:
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    return ConditionalUNet(unet_config=tuple(sorted(spec.unet.items())), num_classes=spec.num_classes, dtype=dtype)
+
+
+def example_inputs(spec: ModelSpec, batch: int = 1):
+    return (jnp.zeros((batch, *spec.sample_shape), jnp.float32), jnp.zeros((batch,), jnp.int32),
+            jnp.zeros((batch,), jnp.int32))
+
+
+def init_params(spec: ModelSpec | str, key: jax.Array):
+    """Initialise parameters (small models). Use `param_shapes` for large ones."""
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    return jax.jit(build_model(spec).init)(key, *example_inputs(spec))["params"]
+
+
+def param_shapes(spec: ModelSpec | str):
+    """Parameter ShapeDtypeStructs via `jax.eval_shape`: no compile, no FLOPs, fine for an 860M-param UNet."""
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    return jax.eval_shape(build_model(spec).init, jax.random.key(0), *example_inputs(spec))["params"]
+
+
+def count_params(tree) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
