@@ -95,7 +95,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
         return model.apply({"params": p}, x, t, y)
 
     @jax.jit
-    def train_step(state: TrainState):
+    def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
         step_key = jax.random.fold_in(data_key, state.step)
         k_idx, k_loss = jax.random.split(step_key)
         idx = jax.random.randint(k_idx, (config.batch_size,), 0, images.shape[0])
@@ -112,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     losses = []
     with tqdm(total=config.num_steps, initial=start_step, desc="train", unit="step", mininterval=2.0) as bar:
         for step in range(start_step, config.num_steps):
-            state, loss = train_step(state)
+            state, loss = train_step(state, images, labels)
             losses.append(float(loss)) if (step + 1) % 50 == 0 or step + 1 == config.num_steps else None
             bar.update(1)
             if losses and (step + 1) % 50 == 0:

@@ -1,0 +1,191 @@
+"""Shared per-bit calibration ("quantization parameter sharing", TMPQ-DM Sec. 3.3).
+
+Quantizer parameters are calibrated once per site and per candidate bit-width, on UNet inputs collected from
+full-precision DDIM trajectories (several timesteps x several samples, as in Q-Diffusion). A candidate then only
+gathers rows of these tables:
+- `w_clip[path]` (B, C_out): per-channel clipping of each kernel, the MSE-optimal fraction of abs-max;
+- `a_range` (L, B, 2): [lo, hi] of each site's "a" operand, an MSE search over shrunken min/max;
+- `w_range` (L, B, 2): the same for the "w" operand of attention matmuls (k and v).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict
+from tqdm.auto import tqdm
+
+from tmpq_jax import checkpoint
+from tmpq_jax.quant.fake_quant import check_bit_choices, qdq_asymmetric, qdq_symmetric
+from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
+
+WEIGHT_CLIP_GRID = np.linspace(0.5, 1.0, 21)
+ACT_CLIP_GRID = np.linspace(0.2, 1.0, 33)
+SAMPLES_PER_BATCH = 2048  # values kept per operand and calibration batch
+SAMPLES_PER_SITE = 16384  # values kept per operand in the end (bounds memory: L x 2 x 16384 floats)
+
+
+@flax.struct.dataclass
+class QuantTables:
+    table_bits: jax.Array  # (B,) int32, ascending: every bit-width a candidate may use
+    w_clip: dict  # site path -> (B, C_out)
+    a_range: jax.Array  # (L, B, 2)
+    w_range: jax.Array  # (L, B, 2); zeros for conv/dense sites
+
+    def bit_row(self, bits: jax.Array) -> jax.Array:
+        """Row index of each bit-width (bits >= 16 pass through and use row 0)."""
+        return jnp.argmax(self.table_bits[None, :] == jnp.asarray(bits)[..., None], axis=-1)
+
+
+def table_bits_for(sites: SiteTable, bit_choices) -> np.ndarray:
+    fixed = [b for s in sites.sites for b in (s.fixed_w_bits, s.fixed_a_bits) if b]
+    return np.unique(np.concatenate([check_bit_choices(bit_choices), np.asarray(fixed, np.int32)])).astype(np.int32)
+
+
+# --- weights ------------------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _weight_clip_search(w2d: jax.Array, bits: jax.Array) -> jax.Array:
+    """MSE-optimal per-channel clip for each bit-width: w2d (rows, C), bits (B,) -> (B, C)."""
+    absmax = jnp.max(jnp.abs(w2d), axis=0)
+    grid = jnp.asarray(WEIGHT_CLIP_GRID, w2d.dtype)
+
+    def per_bit(b):
+        err = jax.vmap(lambda a: jnp.sum((qdq_symmetric(w2d, a * absmax, b) - w2d) ** 2, axis=0))(grid)  # (G, C)
+        return grid[jnp.argmin(err, axis=0)] * absmax
+
+    return jax.lax.map(per_bit, bits)
+
+
+def calibrate_weights(params: Any, sites: SiteTable, table_bits) -> dict:
+    flat = flatten_dict(flax.core.unfreeze(params))
+    bits = jnp.asarray(table_bits, jnp.int32)
+    out = {}
+    for s in tqdm(sites.weight_sites, desc="calibrate weights", unit="site", mininterval=2.0):
+        key = kernel_key(s.path)
+        if key not in flat:
+            raise KeyError(f"site {s.path!r} has no kernel at params[{'/'.join(key)}]; do params match the model?")
+        w = jnp.asarray(flat[key], jnp.float32)
+        out[s.path] = _weight_clip_search(w.reshape(-1, w.shape[-1]), bits)
+    return out
+
+
+# --- activations --------------------------------------------------------------------------------------------------
+
+
+def _summary(x: jax.Array):
+    flat = x.reshape(-1).astype(jnp.float32)
+    stride = max(1, flat.shape[0] // SAMPLES_PER_BATCH)
+    return jnp.min(flat), jnp.max(flat), flat[::stride][:SAMPLES_PER_BATCH]
+
+
+def make_stats_fn(apply_fn: Callable):
+    """jit(params, *inputs) -> {(path, role): (min, max, subsample)} for every site operand."""
+
+    @jax.jit
+    def stats(params, *inputs):
+        found = {}
+
+        def operand_fn(path, role, x):
+            found.setdefault(f"{path}|{role}", _summary(x))
+            return x
+
+        with nn.intercept_methods(make_interceptor(operand_fn)):
+            apply_fn(params, *inputs)
+        return found
+
+    return stats
+
+
+@jax.jit
+def _act_range_search(values: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
+    """MSE-optimal [a*lo, a*hi] per bit-width over the grid ACT_CLIP_GRID: -> (B, 2)."""
+    grid = jnp.asarray(ACT_CLIP_GRID, values.dtype)
+
+    def per_bit(b):
+        err = jax.vmap(lambda a: jnp.mean((qdq_asymmetric(values, a * lo, a * hi, b) - values) ** 2))(grid)
+        best = grid[jnp.argmin(err)]
+        return jnp.stack([best * lo, best * hi])
+
+    return jax.lax.map(per_bit, bits)
+
+
+def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterable[tuple], bit_choices,
+              seed: int = 0, num_batches: int | None = None) -> QuantTables:
+    """Calibrate all tables. `batches` yields UNet inputs (x_t, t, labels), e.g. from `trajectory_batches`."""
+    table_bits = table_bits_for(sites, bit_choices)
+    w_clip = calibrate_weights(params, sites, table_bits)
+
+    stats_fn = make_stats_fn(apply_fn)
+    acc: dict[str, list] = {}
+    for inputs in tqdm(batches, total=num_batches, desc="calibrate activations", unit="batch", mininterval=2.0):
+        for k, (mn, mx, sub) in jax.device_get(stats_fn(params, *inputs)).items():
+            a = acc.setdefault(k, [np.inf, -np.inf, []])
+            a[0], a[1] = min(a[0], float(mn)), max(a[1], float(mx))
+            a[2].append(np.asarray(sub))
+    rng = np.random.default_rng(seed)
+    bits = jnp.asarray(table_bits)
+    a_range = np.zeros((len(sites), len(table_bits), 2), np.float32)
+    w_range = np.zeros_like(a_range)
+    for i, s in enumerate(sites.sites):
+        for role, dest in (("a", a_range), ("w", w_range)):
+            if role == "w" and s.has_weights:
+                continue
+            if f"{s.path}|{role}" not in acc:
+                raise RuntimeError(f"site {s.path!r} operand {role!r} was never reached during calibration")
+            mn, mx, subs = acc[f"{s.path}|{role}"]
+            vals = np.concatenate(subs)
+            vals = rng.choice(vals, SAMPLES_PER_SITE, replace=len(vals) < SAMPLES_PER_SITE)
+            dest[i] = np.asarray(_act_range_search(jnp.asarray(vals), jnp.float32(mn), jnp.float32(mx), bits))
+    return QuantTables(jnp.asarray(table_bits), w_clip, jnp.asarray(a_range), jnp.asarray(w_range))
+
+
+def trajectory_batches(inputs: tuple, batch_size: int):
+    """Split flattened calibration inputs (x (M, ...), t (M,), labels (M,)) into batches."""
+    m = inputs[0].shape[0]
+    for i in range(0, m, batch_size):
+        yield tuple(a[i:i + batch_size] for a in inputs)
+
+
+# --- save / load --------------------------------------------------------------------------------------------------
+
+
+def save_tables(path: str | Path, tables: QuantTables, sites: SiteTable, meta: dict | None = None) -> str:
+    tree = {"table_bits": tables.table_bits, "w_clip": tables.w_clip, "a_range": tables.a_range,
+            "w_range": tables.w_range, "site_paths": np.frombuffer("\n".join(sites.paths).encode(), np.uint8)}
+    sha = checkpoint.save_tree(path, {k: _escape(v) if k == "w_clip" else v for k, v in tree.items()})
+    checkpoint.write_json(Path(path).with_suffix(".json"), {"sites": len(sites), "table_bits": tables.table_bits,
+                                                           "sha256": sha, **(meta or {})})
+    return sha
+
+
+def _escape(d: dict) -> dict:
+    return {k.replace("/", "|"): v for k, v in d.items()}
+
+
+def load_tables(path: str | Path, sites: SiteTable, bit_choices=None) -> QuantTables:
+    """Load tables and check they were calibrated for these sites (and cover `bit_choices`)."""
+    state = checkpoint.load_tree(path)
+    try:
+        paths = tuple(bytes(np.asarray(state["site_paths"], np.uint8)).decode().split("\n"))
+        tables = QuantTables(jnp.asarray(state["table_bits"]),
+                             {k.replace("|", "/"): jnp.asarray(v) for k, v in state["w_clip"].items()},
+                             jnp.asarray(state["a_range"]), jnp.asarray(state["w_range"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} are malformed: {e}") from e
+    if paths != sites.paths:
+        raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} were calibrated for other sites "
+                                         f"({len(paths)} sites vs the model's {len(sites)}); recalibrate")
+    if bit_choices is not None:
+        missing = sorted(set(table_bits_for(sites, bit_choices).tolist()) - set(np.asarray(tables.table_bits).tolist()))
+        if missing:
+            raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} lack bit-widths {missing}; "
+                                             f"they hold {np.asarray(tables.table_bits).tolist()}; recalibrate")
+    return tables

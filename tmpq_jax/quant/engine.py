@@ -1,0 +1,198 @@
+"""Evaluate mixed-precision candidates: gather table rows, quantize weights once, sample with static ranges.
+
+Everything here is a pure function of arrays, so a population is just a leading axis:
+`sample_population(..., strategy=)` runs it as a Python loop, `jit(vmap)`, a chunked `lax.map`, or sharded over
+a device mesh axis named "pop".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tmpq_jax import diffusion
+from tmpq_jax.quant.calibrate import QuantTables
+from tmpq_jax.quant.fake_quant import check_bits, qdq_asymmetric, qdq_symmetric
+from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
+
+STRATEGIES = ("auto", "loop", "vmap", "map", "sharded")
+
+
+@flax.struct.dataclass
+class CandidateQuant:
+    """One candidate's quantizer parameters, gathered from the shared tables."""
+
+    w_bits: jax.Array  # (L,)
+    a_bits: jax.Array  # (L,)
+    a_range: jax.Array  # (L, 2)
+    w_range: jax.Array  # (L, 2)
+    w_clip: dict  # path -> (C_out,)
+
+
+def resolve_bits(sites: SiteTable, w_bits: jax.Array, a_bits: jax.Array):
+    """Apply the sites' pinned bit-widths (rules) over the candidate's."""
+    fw = jnp.asarray([s.fixed_w_bits for s in sites.sites], jnp.int32)
+    fa = jnp.asarray([s.fixed_a_bits for s in sites.sites], jnp.int32)
+    return jnp.where(fw > 0, fw, w_bits).astype(jnp.int32), jnp.where(fa > 0, fa, a_bits).astype(jnp.int32)
+
+
+def check_candidate_bits(sites: SiteTable, tables: QuantTables, w_bits, a_bits) -> None:
+    """Concrete checks: lengths, range 2..16, and that each bit-width below 16 was calibrated."""
+    known = set(np.asarray(tables.table_bits).tolist())
+    for name, b in (("w_bits", w_bits), ("a_bits", a_bits)):
+        arr = check_bits(b, name, length=len(sites))
+        missing = sorted({int(x) for x in arr if x < 16 and x not in known})
+        if missing:
+            raise ValueError(f"{name} uses bit-widths {missing} that the tables were not calibrated for; "
+                             f"calibrated: {sorted(known)} (and >= 16 passes through)")
+
+
+def gather_candidate(tables: QuantTables, sites: SiteTable, w_bits: jax.Array, a_bits: jax.Array) -> CandidateQuant:
+    w_bits, a_bits = resolve_bits(sites, jnp.asarray(w_bits), jnp.asarray(a_bits))
+    wr, ar = tables.bit_row(w_bits), tables.bit_row(a_bits)
+    idx = jnp.arange(len(sites))
+    w_clip = {s.path: tables.w_clip[s.path][wr[i]] for i, s in enumerate(sites.sites) if s.has_weights}
+    return CandidateQuant(w_bits, a_bits, tables.a_range[idx, ar], tables.w_range[idx, wr], w_clip)
+
+
+def quantize_params(params: Any, sites: SiteTable, cand: CandidateQuant) -> Any:
+    """QDQ every site kernel once (per output channel, symmetric). Other leaves are untouched."""
+    flat = flatten_dict(flax.core.unfreeze(params))
+    for i, s in enumerate(sites.sites):
+        if s.has_weights:
+            k = kernel_key(s.path)
+            flat[k] = qdq_symmetric(flat[k], cand.w_clip[s.path], cand.w_bits[i])
+    return unflatten_dict(flat)
+
+
+def quantized_apply(apply_fn: Callable, sites: SiteTable, cand: CandidateQuant) -> Callable:
+    """apply_fn with every site operand fake-quantized at its static calibrated range."""
+    index = {p: i for i, p in enumerate(sites.paths)}
+
+    def operand_fn(path, role, x):
+        i = index[path]
+        if role == "a":
+            return qdq_asymmetric(x, cand.a_range[i, 0], cand.a_range[i, 1], cand.a_bits[i])
+        return qdq_asymmetric(x, cand.w_range[i, 0], cand.w_range[i, 1], cand.w_bits[i])
+
+    def fn(params, *inputs):
+        with nn.intercept_methods(make_interceptor(operand_fn)):
+            return apply_fn(params, *inputs)
+
+    return fn
+
+
+def sample_candidate(apply_fn: Callable, sites: SiteTable, abar: jax.Array, params: Any, tables: QuantTables,
+                     w_bits: jax.Array, a_bits: jax.Array, timesteps: jax.Array, noise: jax.Array,
+                     labels: jax.Array) -> jax.Array:
+    """DDIM samples of one candidate (timesteps, w_bits, a_bits). Weights are quantized once per run."""
+    cand = gather_candidate(tables, sites, w_bits, a_bits)
+    qparams = quantize_params(params, sites, cand)
+    qapply = quantized_apply(apply_fn, sites, cand)
+    return diffusion.ddim_sample(lambda x, t, y: qapply(qparams, x, t, y), abar, timesteps, noise, labels)
+
+
+# --- population strategies ----------------------------------------------------------------------------------------
+
+
+def auto_strategy(devices=None) -> str:
+    """'sharded' over several devices; 'vmap' on one GPU/TPU; 'map' on CPU (vmap there makes grouped convs)."""
+    devices = devices or jax.devices()
+    if len(devices) > 1:
+        return "sharded"
+    return "map" if devices[0].platform == "cpu" else "vmap"
+
+
+def population_fn(fn: Callable, strategy: str = "auto", chunk_size: int = 1, devices=None) -> Callable:
+    """Lift fn(*candidate_args, *shared) to fn(*population_args, *shared) with a leading population axis.
+
+    `population_fn(f, ...)(pop_args_tuple, shared_args_tuple)`; outputs are stacked on axis 0.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown population strategy {strategy!r}; valid: {STRATEGIES}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    devices = list(devices or jax.devices())
+    strategy = auto_strategy(devices) if strategy == "auto" else strategy
+    inner = "map" if devices[0].platform == "cpu" else "vmap"
+
+    def run_local(kind, pop, shared):
+        if kind == "vmap":
+            return jax.vmap(lambda *c: fn(*c, *shared))(*pop)
+        return jax.lax.map(lambda c: fn(*c, *shared), pop, batch_size=chunk_size if chunk_size > 1 else None)
+
+    if strategy == "loop":
+        single = jax.jit(fn)
+
+        def run(pop, shared):
+            n = jax.tree.leaves(pop)[0].shape[0]
+            outs = [single(*jax.tree.map(lambda a: a[i], pop), *shared) for i in range(n)]
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+        return run
+    if strategy in ("vmap", "map"):
+        return jax.jit(functools.partial(run_local, strategy))
+
+    mesh = Mesh(np.asarray(devices), ("pop",))
+    spec = PartitionSpec("pop")
+    local = functools.partial(run_local, inner)
+    sharded = jax.jit(jax.shard_map(lambda pop, shared: local(pop, shared), mesh=mesh,
+                                    in_specs=(spec, PartitionSpec()), out_specs=spec, check_vma=False))
+
+    def run(pop, shared):
+        n = jax.tree.leaves(pop)[0].shape[0]
+        pad = (-n) % len(devices)
+        pop = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]) if pad else a, pop)
+        pop = jax.device_put(pop, NamedSharding(mesh, spec))
+        out = sharded(pop, shared)
+        return jax.tree.map(lambda a: a[:n], out)
+
+    return run
+
+
+def make_population_sampler(apply_fn: Callable, sites: SiteTable, strategy: str = "auto", chunk_size: int = 1,
+                            devices=None) -> Callable:
+    """sampler((w_bits[P,L], a_bits[P,L], timesteps[P,N]), (abar, params, tables, noise, labels)) -> images[P,...]."""
+
+    def one(w_bits, a_bits, timesteps, abar, params, tables, noise, labels):
+        return sample_candidate(apply_fn, sites, abar, params, tables, w_bits, a_bits, timesteps, noise, labels)
+
+    return population_fn(one, strategy, chunk_size, devices)
+
+
+# --- BitOPs -------------------------------------------------------------------------------------------------------
+
+
+def bitops(sites: SiteTable, w_bits, a_bits, num_steps) -> jax.Array:
+    """Sum over sites of MACs x w_bits x a_bits, per image, times the number of sampling steps (TMPQ-DM eq. 6).
+
+    Pinned bits (rules) apply. Works on concrete or traced bits and on population batches (..., L).
+    """
+    macs = jnp.asarray(sites.macs, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    fw = jnp.asarray([s.fixed_w_bits for s in sites.sites])
+    fa = jnp.asarray([s.fixed_a_bits for s in sites.sites])
+    w = jnp.where(fw > 0, fw, jnp.asarray(w_bits))
+    a = jnp.where(fa > 0, fa, jnp.asarray(a_bits))
+    return jnp.sum(macs * w * a, axis=-1) * jnp.asarray(num_steps, macs.dtype)
+
+
+def bitops_exact(sites: SiteTable, w_bits, a_bits, num_steps: int) -> int:
+    """Integer BitOPs (Python ints, no float rounding) for reports."""
+    w = np.asarray(w_bits).reshape(-1)
+    a = np.asarray(a_bits).reshape(-1)
+    total = 0
+    for i, s in enumerate(sites.sites):
+        total += s.macs * int(s.fixed_w_bits or w[i]) * int(s.fixed_a_bits or a[i])
+    return int(total) * int(num_steps)
+
+
+def fp_bitops(sites: SiteTable, num_steps: int, bits: int = 32) -> int:
+    return int(sites.macs.sum()) * bits * bits * int(num_steps)

@@ -1,0 +1,66 @@
+"""Quantize-dequantize (QDQ) with the bit-width as a traced integer array.
+
+One compiled program serves every bit-width: `bits` is data, so it can be vmapped over a population.
+Rounding uses a straight-through estimator, so QDQ is differentiable. Bit-widths >= 16 pass through exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIN_BITS, MAX_BITS = 2, 16
+PASSTHROUGH_BITS = 16
+
+
+def check_bits(bits, name: str = "bits", length: int | None = None) -> np.ndarray:
+    """Validate concrete bit-widths: ints in [2, 16], and the expected vector length."""
+    arr = np.asarray(bits)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr))):
+            raise ValueError(f"{name} must be integers in [{MIN_BITS}, {MAX_BITS}], got {arr.tolist()}")
+    bad = arr[(arr < MIN_BITS) | (arr > MAX_BITS)]
+    if bad.size:
+        raise ValueError(f"{name} has bit-widths {sorted(set(bad.tolist()))} outside the valid range "
+                         f"[{MIN_BITS}, {MAX_BITS}]")
+    if length is not None and arr.shape != (length,):
+        raise ValueError(f"{name} must be a vector of length {length} (one per site), got shape {arr.shape}")
+    return arr.astype(np.int32)
+
+
+def check_bit_choices(choices: Sequence[int], name: str = "bit_choices") -> np.ndarray:
+    arr = check_bits(choices, name)
+    if arr.ndim != 1 or arr.size == 0 or len(set(arr.tolist())) != arr.size:
+        raise ValueError(f"{name} must be a non-empty list of distinct bit-widths, got {np.asarray(choices).tolist()}")
+    return arr
+
+
+def _ste_round(x):
+    return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def qdq_symmetric(x: jax.Array, clip: jax.Array, bits: jax.Array) -> jax.Array:
+    """Symmetric signed QDQ on the grid scale * {-qmax..qmax}, scale = clip / qmax, qmax = 2^(b-1) - 1.
+
+    `clip` broadcasts against x (per output channel for weights: shape (C_out,) against (..., C_out)).
+    """
+    bits = jnp.asarray(bits)
+    qmax = jnp.exp2(bits.astype(x.dtype) - 1.0) - 1.0
+    scale = jnp.maximum(jnp.asarray(clip, x.dtype), jnp.finfo(x.dtype).tiny) / qmax
+    q = jnp.clip(_ste_round(x / scale), -qmax, qmax) * scale
+    return jnp.where(bits >= PASSTHROUGH_BITS, x, q)
+
+
+def qdq_asymmetric(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
+    """Asymmetric unsigned QDQ of a tensor with a static range [lo, hi] (lo <= 0 <= hi keeps 0 exact)."""
+    bits = jnp.asarray(bits)
+    levels = jnp.exp2(bits.astype(x.dtype)) - 1.0
+    lo = jnp.minimum(jnp.asarray(lo, x.dtype), 0.0)
+    hi = jnp.maximum(jnp.asarray(hi, x.dtype), 0.0)
+    scale = jnp.maximum(hi - lo, jnp.finfo(x.dtype).eps) / levels
+    zero_point = jnp.round(-lo / scale)
+    q = jnp.clip(_ste_round(x / scale) + zero_point, 0.0, levels)
+    return jnp.where(bits >= PASSTHROUGH_BITS, x, (q - zero_point) * scale)

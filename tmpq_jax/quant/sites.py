@@ -1,0 +1,212 @@
+"""Quantization sites of any `flax.linen` model, found and hooked with `flax.linen.intercept_methods`.
+
+A *site* is one matrix product whose two operands get bit-widths:
+- `conv` / `dense`: every `nn.Conv` / `nn.Dense`. Operand "w" is the kernel (per output channel, symmetric),
+  operand "a" the input activation (per tensor, static range).
+- `matmul`: the two products inside attention, `<attention path>/qk` (a = q, w-slot = k) and
+  `<attention path>/av` (a = softmax probabilities, w-slot = v). Both operands are activations with static ranges.
+BitOPs of a site are MACs x w_bits x a_bits (TMPQ-DM, Sec. 3). Paths are the modules' scope paths joined by '/'.
+
+Attention modules are hooked by re-implementing their forward in `ATTENTION_IMPLS` (keyed by module class), so the
+model's code is never edited. The diffusers `FlaxAttention` is registered; add other Linen attention classes there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+OperandFn = Callable[[str, str, jax.Array], jax.Array]  # (site path, role 'a'|'w', x) -> x
+RecordFn = Callable[[str, str, int, int], None]  # (site path, kind, MACs, out_channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    path: str
+    kind: str  # 'conv' | 'dense' | 'matmul'
+    macs: int  # per image, per UNet forward
+    out_channels: int  # kernel output channels (0 for matmul)
+    fixed_w_bits: int = 0  # 0: searched; else pinned by a rule
+    fixed_a_bits: int = 0
+
+    @property
+    def has_weights(self) -> bool:
+        return self.kind != "matmul"
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteTable:
+    """The ordered quantization sites of one model. Hashable, so it can be a static jit argument."""
+
+    sites: tuple[Site, ...]
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(s.path for s in self.sites)
+
+    def index(self, path: str) -> int:
+        try:
+            return self.paths.index(path)
+        except ValueError:
+            close = [p for p in self.paths if path.split("/")[-1] in p][:5]
+            raise KeyError(f"unknown site {path!r}; {len(self)} sites exist, e.g. {close or list(self.paths[:5])}")
+
+    @property
+    def macs(self) -> np.ndarray:
+        return np.asarray([s.macs for s in self.sites], np.int64)
+
+    @property
+    def weight_sites(self) -> tuple[Site, ...]:
+        return tuple(s for s in self.sites if s.has_weights)
+
+    def vector_from_map(self, bits_by_path: dict[str, int], name: str, default: int | None = None) -> np.ndarray:
+        """{site path: bits} -> a length-L vector; unknown paths and missing paths are errors."""
+        unknown = sorted(set(bits_by_path) - set(self.paths))
+        if unknown:
+            raise KeyError(f"{name}: unknown site names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}; "
+                           f"valid names are listed by `SiteTable.paths` (e.g. {self.paths[0]!r})")
+        missing = [p for p in self.paths if p not in bits_by_path]
+        if missing and default is None:
+            raise KeyError(f"{name}: no bit-width given for {len(missing)} sites, e.g. {missing[:3]}")
+        return np.asarray([bits_by_path.get(p, default) for p in self.paths], np.int32)
+
+
+def module_path(module: nn.Module) -> str:
+    return "/".join(str(p) for p in module.path)
+
+
+# --- attention implementations --------------------------------------------------------------------------------
+
+
+def _diffusers_attention(module, operand_fn: OperandFn, record: RecordFn | None, hidden_states, context=None,
+                         deterministic=True):
+    """The diffusers FlaxAttention forward (standard path) with hooks on the q, k, v and probability operands."""
+    path = module_path(module)
+    context = hidden_states if context is None else context
+    q = module.reshape_heads_to_batch_dim(module.query(hidden_states))
+    k = module.reshape_heads_to_batch_dim(module.key(context))
+    v = module.reshape_heads_to_batch_dim(module.value(context))
+    if record is not None:  # per image: heads * Tq * Tk * dim_head for each product
+        record(f"{path}/qk", "matmul", math.prod(q.shape) * k.shape[1] // hidden_states.shape[0], 0)
+        record(f"{path}/av", "matmul", math.prod(q.shape) * k.shape[1] // hidden_states.shape[0], 0)
+    q, k = operand_fn(f"{path}/qk", "a", q), operand_fn(f"{path}/qk", "w", k)
+    scores = jnp.einsum("b i d, b j d->b i j", q, k) * module.scale
+    probs = nn.softmax(scores, axis=-1)
+    probs, v = operand_fn(f"{path}/av", "a", probs), operand_fn(f"{path}/av", "w", v)
+    out = module.reshape_batch_dim_to_heads(jnp.einsum("b i j, b j d -> b i d", probs, v))
+    return module.dropout_layer(module.proj_attn(out), deterministic=deterministic)
+
+
+def _attention_registry() -> dict[type, Callable]:
+    from diffusers.models.attention_flax import FlaxAttention
+
+    return {FlaxAttention: _diffusers_attention}
+
+
+ATTENTION_IMPLS: dict[type, Callable] = {}
+
+
+def attention_impl(module: nn.Module):
+    if not ATTENTION_IMPLS:
+        ATTENTION_IMPLS.update(_attention_registry())
+    for cls, impl in ATTENTION_IMPLS.items():
+        if isinstance(module, cls):
+            return impl
+    return None
+
+
+def make_interceptor(operand_fn: OperandFn, record: RecordFn | None = None):
+    """An `nn.intercept_methods` interceptor that routes every site operand through `operand_fn`."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        impl = attention_impl(module)
+        if impl is not None:
+            return impl(module, operand_fn, record, *args, **kwargs)
+        if isinstance(module, (nn.Conv, nn.Dense)):
+            path = module_path(module)
+            out = next_fun(operand_fn(path, "a", args[0]), *args[1:], **kwargs)
+            if record is not None:
+                kernel = module.variables["params"]["kernel"]
+                macs = math.prod(out.shape[1:-1]) * math.prod(kernel.shape)
+                record(path, "conv" if isinstance(module, nn.Conv) else "dense", int(macs), int(kernel.shape[-1]))
+            return out
+        return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+# --- discovery ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """Pin the bits of every site whose path matches `pattern` (re.search). 0 leaves that operand searched."""
+
+    pattern: str
+    w_bits: int = 0
+    a_bits: int = 0
+
+
+# The reference code keeps the attention-probability operand at 8 bits.
+DEFAULT_RULES: tuple[QuantRule, ...] = (QuantRule(r"/av$", a_bits=8),)
+
+
+def discover_sites(apply_fn: Callable, params_shapes: Any, example_inputs: Sequence[Any],
+                   rules: Sequence[QuantRule] = DEFAULT_RULES) -> SiteTable:
+    """Trace `apply_fn(params, *inputs)` abstractly (no FLOPs) and list its sites with MACs per image.
+
+    `example_inputs` must have batch size 1 so MACs come out per image.
+    """
+    found: dict[str, list] = {}
+
+    def record(path, kind, macs, out_channels):
+        if path in found:  # a module called twice shares its quantizers; its MACs add up
+            found[path][1] += macs
+        else:
+            found[path] = [kind, macs, out_channels]
+
+    def run(p, *inputs):
+        with nn.intercept_methods(make_interceptor(lambda path, role, x: x, record)):
+            return apply_fn(p, *inputs)
+
+    jax.eval_shape(run, params_shapes, *example_inputs)
+    sites = [Site(path, kind, int(macs), int(oc)) for path, (kind, macs, oc) in found.items()]
+    return SiteTable(tuple(apply_rules(sites, rules)))
+
+
+def apply_rules(sites: list[Site], rules: Sequence[QuantRule]) -> list[Site]:
+    from tmpq_jax.quant.fake_quant import check_bits
+
+    out = list(sites)
+    for rule in rules:
+        for name, b in (("w_bits", rule.w_bits), ("a_bits", rule.a_bits)):
+            if b:
+                check_bits([b], f"rule {rule.pattern!r} {name}")
+        hits = [i for i, s in enumerate(out) if re.search(rule.pattern, s.path)]
+        if not hits:
+            raise ValueError(f"quantization rule {rule.pattern!r} matches no site; site paths look like "
+                             f"{out[0].path!r} (see SiteTable.paths)")
+        for i in hits:
+            s = out[i]
+            if rule.w_bits and not s.has_weights and s.kind != "matmul":
+                raise ValueError(f"rule {rule.pattern!r} pins w_bits of {s.path!r}, which has no w operand")
+            out[i] = dataclasses.replace(s, fixed_w_bits=rule.w_bits or s.fixed_w_bits,
+                                         fixed_a_bits=rule.a_bits or s.fixed_a_bits)
+    return out
+
+
+def kernel_key(path: str) -> tuple[str, ...]:
+    return tuple(path.split("/")) + ("kernel",)
