@@ -25,8 +25,8 @@ from tmpq_jax import checkpoint
 from tmpq_jax.quant.fake_quant import check_bit_choices, qdq_asymmetric, qdq_symmetric
 from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
 
-WEIGHT_CLIP_GRID = np.linspace(0.5, 1.0, 21)
-ACT_CLIP_GRID = np.linspace(0.2, 1.0, 33)
+WEIGHT_CLIP_GRID = np.linspace(1.0, 0.5, 21)  # descending: ties keep the widest range
+ACT_CLIP_GRID = np.linspace(1.0, 0.2, 33)
 SAMPLES_PER_BATCH = 2048  # values kept per operand and calibration batch
 SAMPLES_PER_SITE = 16384  # values kept per operand in the end (bounds memory: L x 2 x 16384 floats)
 
