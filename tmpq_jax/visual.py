@@ -31,3 +31,41 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = N
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     im.save(path)
+
+
+def save_plots(workdir: str | os.PathLike, histories: list[dict], logs: dict, results: dict) -> None:
+    """search_progress.png (best / median per generation) and bitops_vs_metric.png (every candidate seen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdir = Path(workdir)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(h["search"] for h in histories):
+        hs = [h for h in histories if h["search"] == name]
+        line, = ax.plot([h["generation"] for h in hs], [h["best"] for h in hs], marker="o", label=f"{name} best")
+        ax.plot([h["generation"] for h in hs], [h["median"] if h["median"] is not None else np.nan for h in hs],
+                ls="--", color=line.get_color(), label=f"{name} median")
+    ax.set_xlabel("generation")
+    ax.set_ylabel(f"fitness ({results['metric_name']}, n={results['metric_samples']['search']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(workdir / "search_progress.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, log in logs.items():
+        fit, bops = np.asarray(log["fitness"]).ravel(), np.asarray(log["bitops"]).ravel()
+        ok = np.isfinite(fit)
+        ax.scatter(bops[ok], fit[ok], s=8, alpha=0.5, label=f"{name} candidates")
+    for name, entry in [("best", results["best"]), *results["baselines"].items()]:
+        if entry.get("fitness") is not None:
+            ax.scatter([entry["bitops"]], [entry["fitness"]], marker="*", s=120, label=name)
+    ax.axvline(results["budget_bitops"], color="k", ls=":", label="budget")
+    ax.set_xlabel("BitOPs per image (all sampling steps)")
+    ax.set_ylabel(f"fitness ({results['metric_name']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(workdir / "bitops_vs_metric.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,25 @@
+"""The reference settings (TMPQ-DM): population 50, 20 generations, top-10 parents, 25 mutations, 10 crossovers,
+FID-style fitness on 2000 samples, top-10 re-scored on more samples. Meant for a GPU or TPU."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402
+
+
+def get_config():
+    c = default.get_config()
+    c.population_size = 50
+    c.generations = 20
+    c.num_parents = 10
+    c.num_mutation = 25
+    c.num_crossover = 10
+    c.mutation_prob = 0.25
+    c.search_samples = 2000
+    c.final_samples = 10000
+    c.rescore_top_k = 10
+    c.calib_steps = 50
+    c.calib_samples = 256
+    c.sample_batch = 1000
+    return c

@@ -1,0 +1,24 @@
+"""A seconds-scale run of the whole pipeline, for tests."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # noqa: E402
+
+
+def get_config():
+    c = default.get_config()
+    c.num_steps = 3
+    c.population_size = 4
+    c.generations = 2
+    c.num_parents = 2
+    c.num_mutation = 1
+    c.num_crossover = 1
+    c.search_samples = 8
+    c.final_samples = 12
+    c.rescore_top_k = 2
+    c.reference_steps = 4
+    c.calib_steps = 4
+    c.calib_samples = 8
+    return c

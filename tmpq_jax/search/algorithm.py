@@ -1,0 +1,243 @@
+"""The TMPQ-DM evolutionary search, evosax-style: static settings in the object, state in a struct, pure
+key-first `init` / `ask` / `tell`. Fitness is minimised; NaN counts as +inf (infeasible).
+
+Each generation (reference code): `num_mutation` mutations of random top-k parents (each gene resampled with
+probability `mutation_prob`), `num_crossover` uniform crossovers of two random parents, and random candidates for
+the rest. The first population is the seed, `num_mutation` mutations of the seed, and random candidates.
+Parents are the top-k of everything evaluated so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from tmpq_jax.search.space import Genome, SearchSpace
+
+
+@flax.struct.dataclass
+class EvoState:
+    top_genomes: Genome  # (k, ...) best seen so far, sorted by fitness
+    top_fitness: jax.Array  # (k,)
+    generation: jax.Array
+
+
+def clean_fitness(fitness: jax.Array) -> jax.Array:
+    """NaN -> +inf, so a broken candidate is infeasible, never a crash."""
+    return jnp.where(jnp.isnan(fitness), jnp.inf, fitness)
+
+
+def _stack(gs: list[Genome]) -> Genome:
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *gs)
+
+
+def mutate(key: jax.Array, g: Genome, space: SearchSpace, prob: float) -> Genome:
+    """Resample each gene with probability `prob`: a timestep within its group, a bit among the choices."""
+    k_mask, k_new = jax.random.split(key)
+    fresh = space.random(k_new)
+    masks = [jax.random.bernoulli(k, prob, x.shape) for k, x in zip(jax.random.split(k_mask, 3), jax.tree.leaves(g))]
+    leaves = [jnp.where(m, f, x) for m, f, x in zip(masks, jax.tree.leaves(fresh), jax.tree.leaves(g))]
+    return space.freeze(jax.tree.unflatten(jax.tree.structure(g), leaves))
+
+
+def crossover(key: jax.Array, g1: Genome, g2: Genome) -> Genome:
+    """Uniform crossover: each gene from either parent with probability 1/2."""
+    keys = jax.random.split(key, 3)
+    leaves = [jnp.where(jax.random.bernoulli(k, 0.5, a.shape), a, b)
+              for k, a, b in zip(keys, jax.tree.leaves(g1), jax.tree.leaves(g2))]
+    return jax.tree.unflatten(jax.tree.structure(g1), leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolutionSearch:
+    space: SearchSpace
+    population_size: int = 50
+    num_parents: int = 10
+    num_mutation: int = 25
+    num_crossover: int = 10
+    mutation_prob: float = 0.25
+
+    def __post_init__(self):
+        p = self.population_size
+        checks = [("population_size", p >= 2, ">= 2"),
+                  ("num_parents", 1 <= self.num_parents <= p, f"in [1, population_size={p}]"),
+                  ("num_mutation", self.num_mutation >= 0, ">= 0"),
+                  ("num_crossover", self.num_crossover >= 0, ">= 0"),
+                  ("num_mutation + num_crossover", self.num_mutation + self.num_crossover <= p - 1,
+                   f"<= population_size - 1 = {p - 1}"),
+                  ("mutation_prob", 0.0 < self.mutation_prob <= 1.0, "in (0, 1]")]
+        for name, ok, valid in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name, self.num_mutation + self.num_crossover)} is invalid; "
+                                 f"valid range: {valid}")
+
+    def init(self, key: jax.Array) -> EvoState:
+        del key
+        k = self.num_parents
+        seed = self.space.seed()
+        genomes = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), seed)
+        return EvoState(genomes, jnp.full((k,), jnp.inf), jnp.asarray(0, jnp.int32))
+
+    def ask(self, key: jax.Array, state: EvoState) -> tuple[Genome, EvoState]:
+        p, m, c = self.population_size, self.num_mutation, self.num_crossover
+        k_par, k_mut, k_p1, k_p2, k_cross, k_rand, k_first = jax.random.split(key, 7)
+        space = self.space
+        random_fill = jax.vmap(space.random)(jax.random.split(k_rand, p - m - c))
+        # generation 0: the seed, mutations of the seed, random candidates
+        seed = space.seed()
+        seeds = jax.tree.map(lambda x: jnp.broadcast_to(x, (m, *x.shape)), seed)
+        first = _stack([jax.tree.map(lambda x: x[None], seed),
+                        jax.vmap(lambda k, g: mutate(k, g, space, self.mutation_prob))(jax.random.split(k_first, m), seeds),
+                        jax.vmap(space.random)(jax.random.split(k_rand, p - m - 1))])
+        # later: mutations and crossovers of the top-k, random fill
+        valid = jnp.isfinite(state.top_fitness)
+        n_valid = jnp.maximum(jnp.sum(valid), 1)
+
+        def pick(k, n):
+            return jnp.floor(jax.random.uniform(k, (n,)) * n_valid).astype(jnp.int32)
+
+        parents = state.top_genomes
+        take = lambda idx: jax.tree.map(lambda x: x[idx], parents)  # noqa: E731
+        mutants = jax.vmap(lambda k, g: mutate(k, g, space, self.mutation_prob))(
+            jax.random.split(k_mut, m), take(pick(k_par, m)))
+        children = jax.vmap(crossover)(jax.random.split(k_cross, c), take(pick(k_p1, c)), take(pick(k_p2, c)))
+        later = _stack([mutants, children, random_fill])
+        return jax.tree.map(lambda a, b: jnp.where(state.generation == 0, a, b), first, later), state
+
+    def tell(self, key: jax.Array, population: Genome, fitness: jax.Array, state: EvoState) -> EvoState:
+        del key
+        fitness = clean_fitness(fitness)
+        all_g = _stack([state.top_genomes, population])
+        all_f = jnp.concatenate([state.top_fitness, fitness])
+        order = jnp.argsort(all_f, stable=True)[: self.num_parents]
+        return EvoState(jax.tree.map(lambda x: x[order], all_g), all_f[order], state.generation + 1)
+
+    def best(self, state: EvoState) -> tuple[Genome, jax.Array]:
+        return jax.tree.map(lambda x: x[0], state.top_genomes), state.top_fitness[0]
+
+
+# --- budget -------------------------------------------------------------------------------------------------------
+
+
+def make_repair(space: SearchSpace, macs, fixed_w, fixed_a, budget: float):
+    """Lower the bits of the costliest site, one step at a time, until BitOPs <= budget.
+
+    Bounded: at most L * 2 * (B - 1) steps. Returns (genome, bitops, feasible). `macs` is per step and image;
+    `fixed_w` / `fixed_a` hold pinned bits (0 = searched), which are never changed.
+    """
+    macs = jnp.asarray(macs, jnp.float32)
+    choices = jnp.asarray(space.bit_choices, jnp.float32)
+    nb, n = len(space.bit_choices), space.num_steps
+    fw, fa = jnp.asarray(fixed_w), jnp.asarray(fixed_a)
+    budget = jnp.float32(budget)
+
+    def cost_terms(g):
+        w = jnp.where(fw > 0, fw, choices[g.w_bit_idx])
+        a = jnp.where(fa > 0, fa, choices[g.a_bit_idx])
+        return w, a, macs * w * a * n
+
+    def bitops_of(g):
+        return jnp.sum(cost_terms(g)[2], axis=-1)
+
+    def repair(g: Genome):
+        def lowerable(g):
+            return (fw == 0) & (g.w_bit_idx < nb - 1), (fa == 0) & (g.a_bit_idx < nb - 1)
+
+        def cond(carry):
+            g, it = carry
+            can_w, can_a = lowerable(g)
+            return (bitops_of(g) > budget) & jnp.any(can_w | can_a) & (it < space.num_sites * 2 * (nb - 1))
+
+        def body(carry):
+            g, it = carry
+            w, a, cost = cost_terms(g)
+            can_w, can_a = lowerable(g)
+            site = jnp.argmax(jnp.where(can_w | can_a, cost, -1.0))
+            lower_w = can_w[site] & ((w[site] >= a[site]) | ~can_a[site])
+            g = g.replace(w_bit_idx=g.w_bit_idx.at[site].add(jnp.where(lower_w, 1, 0)),
+                          a_bit_idx=g.a_bit_idx.at[site].add(jnp.where(lower_w, 0, 1)))
+            return g, it + 1
+
+        if space.search_bits:
+            g, _ = jax.lax.while_loop(cond, body, (g, jnp.int32(0)))
+        b = bitops_of(g)
+        return g, b, b <= budget
+
+    repair.bitops = bitops_of
+    return repair
+
+
+# --- evosax strategies through a continuous-to-discrete decode ---------------------------------------------------
+
+
+@flax.struct.dataclass
+class EvosaxState:
+    inner: object  # the evosax algorithm state
+    params: object  # the evosax algorithm params
+    last_x: jax.Array  # (P, D) the continuous population of the last ask
+    generation: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EvosaxSearch:
+    """Run an evosax algorithm (e.g. 'CMA_ES', 'SimpleGA') on x in [0, 1)^D, D = N + 2L.
+
+    Gene j decodes to floor(clip(x_j, 0, 1) * size_j): a timestep offset within its group or a bit index.
+    evosax minimises, as we do; NaN fitness is passed on as +inf.
+    """
+
+    space: SearchSpace
+    algorithm: str = "CMA_ES"
+    population_size: int = 50
+
+    def _sizes(self) -> jnp.ndarray:
+        nb = len(self.space.bit_choices)
+        return jnp.concatenate([jnp.asarray(self.space.group_sizes), jnp.full(2 * self.space.num_sites, nb)])
+
+    def _strategy(self):
+        import evosax.algorithms as algorithms
+
+        if not hasattr(algorithms, self.algorithm):
+            raise ValueError(f"evosax has no algorithm {self.algorithm!r}; e.g. 'CMA_ES', 'SimpleGA', 'Open_ES'")
+        return getattr(algorithms, self.algorithm)(population_size=self.population_size,
+                                                   solution=jnp.zeros(self.num_dims))
+
+    @property
+    def num_dims(self) -> int:
+        return self.space.num_steps + 2 * self.space.num_sites
+
+    def decode(self, x: jax.Array) -> Genome:
+        sizes = self._sizes()
+        idx = jnp.clip(jnp.floor(jnp.clip(x, 0.0, 1.0) * sizes), 0, sizes - 1).astype(jnp.int32)
+        n, L = self.space.num_steps, self.space.num_sites
+        return self.space.freeze(Genome(idx[..., :n], idx[..., n:n + L], idx[..., n + L:]))
+
+    def encode(self, g: Genome) -> jax.Array:
+        idx = jnp.concatenate([g.timestep_idx, g.w_bit_idx, g.a_bit_idx], axis=-1)
+        return (idx + 0.5) / self._sizes()
+
+    def init(self, key: jax.Array) -> EvosaxState:
+        from evosax.algorithms.distribution_based.base import DistributionBasedAlgorithm
+
+        es = self._strategy()
+        params = es.default_params
+        k_init, k_pop = jax.random.split(key)
+        seed_x = self.encode(self.space.seed())
+        if isinstance(es, DistributionBasedAlgorithm):
+            inner = es.init(k_init, seed_x, params)
+        else:
+            pop = jax.random.uniform(k_pop, (self.population_size, self.num_dims)).at[0].set(seed_x)
+            inner = es.init(k_init, pop, jnp.full((self.population_size,), jnp.inf), params)
+        return EvosaxState(inner, params, jnp.zeros((self.population_size, self.num_dims)), jnp.asarray(0, jnp.int32))
+
+    def ask(self, key: jax.Array, state: EvosaxState) -> tuple[Genome, EvosaxState]:
+        x, inner = self._strategy().ask(key, state.inner, state.params)
+        return self.decode(x), state.replace(inner=inner, last_x=x)
+
+    def tell(self, key: jax.Array, population: Genome, fitness: jax.Array, state: EvosaxState) -> EvosaxState:
+        del population  # the continuous points of the last ask are what evosax moves
+        inner, _ = self._strategy().tell(key, state.last_x, clean_fitness(fitness), state.inner, state.params)
+        return state.replace(inner=inner, generation=state.generation + 1)

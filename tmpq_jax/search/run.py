@@ -1,0 +1,383 @@
+"""The end-to-end TMPQ-DM job behind `experiments/search.py`.
+
+load model -> calibrate shared tables -> FP reference -> evolutionary search (checkpointed every generation)
+-> re-score the top-k on more samples -> baselines (uniform W8A8 / W6A6, timestep-only, precision-only)
+-> results.json, history.jsonl, sample grids, samples_*.npz and plots in the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from tmpq_jax import checkpoint, data, diffusion, models, quant
+from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch, make_repair
+from tmpq_jax.search.fitness import Evaluator, make_metric, nan_to_inf
+from tmpq_jax.search.space import Genome, SearchSpace
+from tmpq_jax.visual import save_grid, save_plots
+
+BASELINES = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only")
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    def need(name, ok, valid):
+        if not ok:
+            raise ValueError(f"config.{name}={c[name]!r} is invalid; valid: {valid}")
+
+    models.get_spec(c.model)
+    need("num_steps", isinstance(c.num_steps, int) and 1 <= c.num_steps <= diffusion.NUM_TRAIN_TIMESTEPS,
+         "an integer in [1, 1000]")
+    quant.check_bit_choices(list(c.bit_choices), "config.bit_choices")
+    need("budget_bits", c.budget_bits in list(c.bit_choices), f"one of bit_choices {list(c.bit_choices)}")
+    need("budget_bitops", c.budget_bitops >= 0, ">= 0 (0: uniform W{budget_bits}A{budget_bits})")
+    need("budget_mode", c.budget_mode in ("repair", "infeasible"), "'repair' or 'infeasible'")
+    need("generations", c.generations >= 1, ">= 1")
+    need("search_samples", c.search_samples >= 2, ">= 2 (a covariance needs two samples)")
+    need("final_samples", c.final_samples >= 2, ">= 2")
+    need("rescore_top_k", c.rescore_top_k >= 1, ">= 1")
+    need("reference_steps", 1 <= c.reference_steps <= diffusion.NUM_TRAIN_TIMESTEPS, "in [1, 1000]")
+    need("calib_steps", 1 <= c.calib_steps <= diffusion.NUM_TRAIN_TIMESTEPS, "in [1, 1000]")
+    need("calib_samples", c.calib_samples >= 1, ">= 1")
+    need("sample_batch", c.sample_batch >= 1, ">= 1")
+    need("strategy", c.strategy in quant.STRATEGIES, str(quant.STRATEGIES))
+    need("algorithm", c.algorithm == "evolution" or c.algorithm[:1].isupper(),
+         "'evolution' or an evosax algorithm name such as 'CMA_ES' or 'SimpleGA'")
+    for name in c.baselines:
+        if name not in BASELINES:
+            raise ValueError(f"config.baselines has unknown entry {name!r}; valid: {BASELINES}")
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    config: ml_collections.ConfigDict
+    workdir: Path
+    spec: models.ModelSpec
+    sites: quant.SiteTable
+    space: SearchSpace
+    evaluator: Evaluator
+    repair: Any
+    budget: float
+    timing: dict
+
+
+def _genome_rows(pop: Genome) -> list[Genome]:
+    n = pop.timestep_idx.shape[0]
+    return [jax.tree.map(lambda x: x[i], pop) for i in range(n)]
+
+
+def _stack_genomes(gs: list[Genome]) -> Genome:
+    return jax.tree.map(lambda *x: jnp.stack(x), *gs)
+
+
+def _make_algorithm(c, space: SearchSpace):
+    if c.algorithm == "evolution":
+        return EvolutionSearch(space, c.population_size, c.num_parents, c.num_mutation, c.num_crossover,
+                               c.mutation_prob)
+    return EvosaxSearch(space, c.algorithm, c.population_size)
+
+
+def _calibrate(c, workdir: Path, apply_fn, params, sites, spec) -> quant.QuantTables:
+    path = workdir / "quant_tables.msgpack"
+    meta = {"checkpoint_sha256": _sha(c.checkpoint), "calib_steps": c.calib_steps,
+            "calib_samples": c.calib_samples, "calib_seed": c.seed, "bit_choices": list(c.bit_choices)}
+    if path.exists():
+        old = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+        if all(old.get(k) == v for k, v in meta.items()):
+            print(f"loading calibration tables from {path}", flush=True)
+            return quant.load_tables(path, sites, list(c.bit_choices))
+    abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
+    noise = jax.random.normal(jax.random.key(c.seed + 7919), (c.calib_samples, *spec.sample_shape))
+    labels = (jnp.arange(c.calib_samples) % max(spec.num_classes, 1)).astype(jnp.int32)
+    ts = diffusion.uniform_timesteps(c.calib_steps)
+    mem = c.calib_steps * c.calib_samples * math.prod(spec.sample_shape) * 4 / 2**20
+    print(f"calibration: FP DDIM trajectories, {c.calib_steps} timesteps x {c.calib_samples} samples "
+          f"({mem:.1f} MiB of UNet inputs)", flush=True)
+    _, traj = jax.jit(lambda p: diffusion.ddim_sample(lambda x, t, y: apply_fn(p, x, t, y), abar, ts, noise, labels,
+                                                      return_trajectory=True))(params)
+    m = c.calib_steps * c.calib_samples
+    inputs = (traj.x.reshape(m, *spec.sample_shape), jnp.repeat(traj.t, c.calib_samples),
+              jnp.tile(labels, c.calib_steps))
+    perm = np.random.default_rng(c.seed).permutation(m)  # mix timesteps across batches
+    inputs = tuple(a[perm] for a in inputs)
+    tables = quant.calibrate(apply_fn, params, sites, quant.trajectory_batches(inputs, c.calib_batch),
+                             list(c.bit_choices), seed=c.seed, num_batches=-(-m // c.calib_batch))
+    quant.save_tables(path, tables, sites, meta)
+    return tables
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- one evolutionary search, resumable ---------------------------------------------------------------------------
+
+
+def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool) -> dict:
+    """Run the configured algorithm on `space`; checkpoint after every generation to search_<name>.msgpack."""
+    c = ctx.config
+    algo = _make_algorithm(c, space)
+    key = jax.random.key(c.seed)
+    ask = jax.jit(algo.ask)
+    tell = jax.jit(algo.tell)
+    repair = jax.jit(jax.vmap(ctx.repair))
+    state = algo.init(key)
+    g, p = c.generations, c.population_size
+    log = {"genomes": _stack_genomes([_stack_genomes([space.seed()] * p)] * g),
+           "fitness": np.full((g, p), np.nan), "bitops": np.zeros((g, p)), "feasible": np.zeros((g, p), bool),
+           "seconds": np.zeros(g)}
+    path = ctx.workdir / f"search_{name}.msgpack"
+    start = 0
+    if resume and path.exists():
+        saved = checkpoint.load_tree(path, {"state": state, "log": log, "generation": 0})
+        state, log, start = saved["state"], saved["log"], int(saved["generation"])
+        print(f"[{name}] resumed after generation {start}/{g} from {path}", flush=True)
+    history = []
+    bar = tqdm(range(start, g), desc=f"search {name}", unit="gen", initial=start, total=g)
+    for gen in bar:
+        t0 = time.time()
+        k = jax.random.fold_in(key, gen)
+        pop, state = ask(k, state)
+        if c.budget_mode == "repair":
+            pop, bitops, feasible = repair(pop)
+        else:
+            bitops = jax.vmap(ctx.repair.bitops)(pop)
+            feasible = bitops <= ctx.budget
+        ts, wb, ab = jax.vmap(space.decode)(pop)
+        fit = ctx.evaluator.score(ctx.evaluator.sample(ts, wb, ab, c.search_samples))
+        fit = np.where(np.asarray(feasible), nan_to_inf(fit), np.inf)
+        state = tell(k, pop, jnp.asarray(fit, jnp.float32), state)
+        log["genomes"] = jax.tree.map(lambda a, b: a.at[gen].set(b), log["genomes"], pop)
+        log["fitness"][gen], log["bitops"][gen] = fit, np.asarray(bitops)
+        log["feasible"][gen], log["seconds"][gen] = np.asarray(feasible), time.time() - t0
+        checkpoint.save_tree(path, {"state": state, "log": log, "generation": gen + 1})
+        seen = log["fitness"][: gen + 1].ravel()
+        finite = fit[np.isfinite(fit)]
+        bar.set_postfix(best=f"{np.min(seen):.3f}", median=f"{np.median(finite) if finite.size else np.inf:.3f}",
+                        feasible=f"{np.mean(np.asarray(feasible)):.2f}")
+    bar.close()
+    for gen in range(g):
+        fit = log["fitness"][gen]
+        finite = fit[np.isfinite(fit)]
+        history.append({"search": name, "generation": gen, "best": float(np.min(log["fitness"][: gen + 1])),
+                        "median": float(np.median(finite)) if finite.size else None,
+                        "feasible_fraction": float(np.mean(log["feasible"][gen])),
+                        "seconds": float(log["seconds"][gen])})
+    return {"log": log, "history": history, "space": space}
+
+
+def top_unique(result: dict, k: int) -> list[Genome]:
+    log = result["log"]
+    fit = np.asarray(log["fitness"]).ravel()
+    flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), log["genomes"])
+    out, seen = [], set()
+    for i in np.argsort(fit, kind="stable"):
+        if not np.isfinite(fit[i]):
+            break
+        g = jax.tree.map(lambda x: x[i], flat)
+        sig = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(g))
+        if sig not in seen:
+            seen.add(sig)
+            out.append(g)
+        if len(out) == k:
+            break
+    return out
+
+
+def describe(ctx: Context, g: Genome, space: SearchSpace, fitness: float, metric: float, images=None) -> dict:
+    ts, wb, ab = (np.asarray(x) for x in space.decode(g))
+    wb, ab = (np.asarray(x) for x in quant.engine.resolve_bits(ctx.sites, jnp.asarray(wb), jnp.asarray(ab)))
+    bitops = quant.bitops_exact(ctx.sites, wb, ab, len(ts))
+    ref = quant.fp_bitops(ctx.sites, ctx.config.reference_steps)
+    return {"timesteps": ts.tolist(), "w_bits": dict(zip(ctx.sites.paths, wb.tolist())),
+            "a_bits": dict(zip(ctx.sites.paths, ab.tolist())), "bitops": bitops,
+            "bitops_reduction": ref / bitops, "within_budget": bool(bitops <= ctx.budget * (1 + 1e-6)),
+            "fitness": _num(fitness), "metric": _num(metric),
+            "mean_w_bits": float(np.average(wb, weights=ctx.sites.macs)),
+            "mean_a_bits": float(np.average(ab, weights=ctx.sites.macs))}
+
+
+def _num(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def score_genomes(ctx: Context, genomes: list[Genome], space: SearchSpace, n: int):
+    pop = _stack_genomes(genomes)
+    ts, wb, ab = jax.vmap(space.decode)(pop)
+    images = ctx.evaluator.sample(ts, wb, ab, n)
+    return images, ctx.evaluator.score(images)
+
+
+# --- the job ------------------------------------------------------------------------------------------------------
+
+
+def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
+    c = config
+    validate_config(c)
+    if c.multihost:
+        jax.distributed.initialize()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+    t_all = t0 = time.time()
+
+    # model and sites
+    spec = models.get_spec(c.model)
+    model = models.build_model(spec)
+    params = checkpoint.load_params(c.checkpoint, spec)
+
+    def apply_fn(p, *a):
+        return model.apply({"params": p}, *a)
+
+    rules = [quant.QuantRule(**dict(r)) for r in c.rules] + (list(quant.DEFAULT_RULES) if c.probs_8bit else [])
+    sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules)
+    space = SearchSpace.create(c.num_steps, len(sites), list(c.bit_choices), c.spacing, list(c.group_starts) or None,
+                               seed_bits=c.seed_bits)
+    fixed_w = np.asarray([s.fixed_w_bits for s in sites.sites])
+    fixed_a = np.asarray([s.fixed_a_bits for s in sites.sites])
+    repair = make_repair(space, sites.macs, fixed_w, fixed_a, 0.0)
+    min_cost = float(repair.bitops(Genome(space.seed().timestep_idx,
+                                          jnp.full(len(sites), len(space.bit_choices) - 1),
+                                          jnp.full(len(sites), len(space.bit_choices) - 1))))
+    budget = float(c.budget_bitops) if c.budget_bitops else float(repair.bitops(space.uniform_bits(c.budget_bits)))
+    if budget < min_cost:
+        raise ValueError(f"budget {budget:.4g} BitOPs is impossible: the cheapest candidate (all "
+                         f"{space.bit_choices[-1]}-bit, {c.num_steps} steps) costs {min_cost:.4g}")
+    repair = make_repair(space, sites.macs, fixed_w, fixed_a, budget)
+    print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
+          f"{int(sites.macs.sum()):,} MACs/step; budget {budget:.4g} BitOPs", flush=True)
+    timing["load_seconds"] = time.time() - t0
+
+    # shared calibration
+    t0 = time.time()
+    tables = _calibrate(c, workdir, apply_fn, params, sites, spec)
+    timing["calibration_seconds"] = time.time() - t0
+    metric = make_metric(c.metric)
+    evaluator = Evaluator(apply_fn, sites, params, tables, spec.sample_shape, spec.num_classes, metric,
+                          c.noise_seed, c.strategy, c.chunk_size, c.sample_batch)
+    ctx = Context(c, workdir, spec, sites, space, evaluator, repair, budget, timing)
+
+    # FP reference
+    t0 = time.time()
+    ref_ts = diffusion.uniform_timesteps(c.reference_steps)
+    print(f"FP reference: {c.reference_steps} DDIM steps, {c.final_samples} samples", flush=True)
+    ref_images = evaluator.sample_fp(ref_ts, c.final_samples)
+    reference = {"steps": c.reference_steps, "timesteps": ref_ts.tolist(),
+                 "bitops": quant.fp_bitops(sites, c.reference_steps),
+                 "fitness": _num(metric(ref_images[: c.search_samples])), "metric": _num(metric(ref_images))}
+    timing["reference_seconds"] = time.time() - t0
+
+    # main search
+    t0 = time.time()
+    main = evolve(ctx, "joint", space, resume)
+    timing["search_seconds"] = time.time() - t0
+    timing["candidates_per_second"] = c.population_size * c.generations / max(float(main["log"]["seconds"].sum()),
+                                                                               1e-9)
+
+    # re-score the top-k on more samples
+    t0 = time.time()
+    best, best_images = rescore(ctx, main, space, "joint")
+    timing["rescore_seconds"] = time.time() - t0
+
+    # baselines at the same N and budget
+    t0 = time.time()
+    baselines, baseline_images, histories = {}, {}, list(main["history"])
+    for name in c.baselines:
+        print(f"baseline {name}", flush=True)
+        if name.startswith("uniform_"):
+            bits = int(name.split("_w")[1].split("a")[0])
+            g = space.uniform_bits(bits)
+            fit = evaluator.score(score_genomes(ctx, [g], space, c.search_samples)[0])[0]
+            images, final = score_genomes(ctx, [g], space, c.final_samples)
+            baselines[name] = describe(ctx, g, space, fit, final[0])
+            baseline_images[name] = images[0]
+        else:
+            sub = space.restrict(search_timesteps=name == "timestep_only", search_bits=name == "precision_only")
+            result = evolve(ctx, name, sub, resume)
+            histories += result["history"]
+            baselines[name], baseline_images[name] = rescore(ctx, result, sub, name)
+            main.setdefault("others", {})[name] = result
+    timing["baselines_seconds"] = time.time() - t0
+    timing["total_seconds"] = time.time() - t_all
+
+    # outputs
+    results = {
+        "config": c.to_dict(),
+        "model": {"name": spec.name, "unet_config": {k: list(v) if isinstance(v, tuple) else v
+                                                       for k, v in spec.unet.items()},
+                  "sample_shape": list(spec.sample_shape), "params": models.count_params(params),
+                  "macs_per_step": int(sites.macs.sum()), "quantized_sites": len(sites),
+                  "sites": dict(zip(sites.paths, sites.macs.tolist()))},
+        "reference": reference, "budget_bitops": budget, "best": best, "baselines": baselines,
+        "history": [h for h in histories if h["search"] == "joint"],
+        "baseline_history": [h for h in histories if h["search"] != "joint"],
+        "timing": timing, "metric_name": metric.name,
+        "metric_samples": {"search": c.search_samples, "final": c.final_samples},
+        "devices": [d.device_kind for d in jax.devices()], "strategy": quant.auto_strategy()
+        if c.strategy == "auto" else c.strategy,
+    }
+    write_outputs(workdir, results, histories, ref_images, best_images, baseline_images, main, space, sites)
+    return results
+
+
+def rescore(ctx: Context, result: dict, space: SearchSpace, name: str):
+    """Re-score the top-k of a search on `final_samples`; the best by that metric wins (TMPQ-DM Sec. 4)."""
+    c = ctx.config
+    top = top_unique(result, c.rescore_top_k)
+    if not top:
+        raise RuntimeError(f"search {name!r} found no feasible candidate in {c.generations} generations; raise the "
+                           "budget or use budget_mode='repair'")
+    images, final = score_genomes(ctx, top, space, c.final_samples)
+    final = nan_to_inf(final)
+    i = int(np.argmin(final))
+    fit = float(np.min(np.asarray(result["log"]["fitness"])[np.isfinite(result["log"]["fitness"])]))
+    ranked = sorted(zip(final.tolist(), range(len(top))))
+    fit_i = _fitness_of(result, top[i])
+    out = describe(ctx, top[i], space, fit_i if fit_i is not None else fit, final[i])
+    out["rescored"] = [{"rank_by_search": j, "metric": _num(m)} for m, j in ranked]
+    return out, images[i]
+
+
+def _fitness_of(result, g: Genome):
+    log = result["log"]
+    flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), log["genomes"])
+    fit = np.asarray(log["fitness"]).ravel()
+    match = np.ones(fit.shape, bool)
+    for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(g)):
+        match &= np.all(a == np.asarray(b), axis=-1)
+    return float(fit[match].min()) if match.any() else None
+
+
+def write_outputs(workdir: Path, results, histories, ref_images, best_images, baseline_images, main, space, sites):
+    checkpoint.write_json(workdir / "results.json", results)
+    with open(workdir / "history.jsonl", "w") as f:
+        for h in histories:
+            f.write(json.dumps(h) + "\n")
+    sets = {"reference": ref_images, "best": best_images, **baseline_images}
+    for name, images in sets.items():
+        unit = data.to_unit_range(images)
+        np.savez_compressed(workdir / f"samples_{name}.npz", images=unit)
+        save_grid(workdir / f"samples_{name}.png", unit[:100], ncols=10)
+    scatter = {"joint": main["log"], **{k: v["log"] for k, v in main.get("others", {}).items()}}
+    save_plots(workdir, histories, scatter, results)
+    print(f"best: {results['best']['metric']:.3f} {results['metric_name']} at {results['best']['bitops']:.4g} BitOPs "
+          f"({results['best']['bitops_reduction']:.0f}x fewer than FP32 {results['reference']['steps']} steps); "
+          f"uniform_w6a6: {results['baselines'].get('uniform_w6a6', {}).get('metric')}", flush=True)
