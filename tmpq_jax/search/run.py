@@ -140,14 +140,15 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool) -> dict:
     repair = jax.jit(jax.vmap(ctx.repair))
     state = algo.init(key)
     g, p = c.generations, c.population_size
-    log = {"genomes": _stack_genomes([_stack_genomes([space.seed()] * p)] * g),
+    log = {"genomes": jax.tree.map(lambda x: np.zeros((g, p, *x.shape), np.int32), space.seed()),
            "fitness": np.full((g, p), np.nan), "bitops": np.zeros((g, p)), "feasible": np.zeros((g, p), bool),
            "seconds": np.zeros(g)}
     path = ctx.workdir / f"search_{name}.msgpack"
     start = 0
     if resume and path.exists():
         saved = checkpoint.load_tree(path, {"state": state, "log": log, "generation": 0})
-        state, log, start = saved["state"], saved["log"], int(saved["generation"])
+        state, start = jax.tree.map(jnp.asarray, saved["state"]), int(saved["generation"])
+        log = jax.tree.map(np.array, saved["log"])  # writable copies
         print(f"[{name}] resumed after generation {start}/{g} from {path}", flush=True)
     history = []
     bar = tqdm(range(start, g), desc=f"search {name}", unit="gen", initial=start, total=g)
@@ -164,7 +165,8 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool) -> dict:
         fit = ctx.evaluator.score(ctx.evaluator.sample(ts, wb, ab, c.search_samples))
         fit = np.where(np.asarray(feasible), nan_to_inf(fit), np.inf)
         state = tell(k, pop, jnp.asarray(fit, jnp.float32), state)
-        log["genomes"] = jax.tree.map(lambda a, b: a.at[gen].set(b), log["genomes"], pop)
+        for dst, src in zip(jax.tree.leaves(log["genomes"]), jax.tree.leaves(pop)):
+            dst[gen] = np.asarray(src)
         log["fitness"][gen], log["bitops"][gen] = fit, np.asarray(bitops)
         log["feasible"][gen], log["seconds"][gen] = np.asarray(feasible), time.time() - t0
         checkpoint.save_tree(path, {"state": state, "log": log, "generation": gen + 1})

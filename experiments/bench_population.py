@@ -1,0 +1,116 @@
+"""Throughput of population evaluation: img/s of one UNet forward per candidate.
+
+python experiments/bench_population.py --model mnist-small --out benchmarks/population_cpu.json
+
+Cases: plain fp32 and bf16 forwards at the total batch P*B, a fake-quant single candidate at P*B, and each
+population strategy (P candidates x B images, weights quantized per candidate inside the timed call). Each row also
+gives its ratio to the plain fp32 forward at the same total batch. Rows are written as they finish.
+"""
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from tmpq_jax import models, quant
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "mnist-small", "Model config name.")
+flags.DEFINE_string("out", "benchmarks/population.json", "Output JSON.")
+flags.DEFINE_integer("pop", 8, "Candidates P.")
+flags.DEFINE_integer("batch", 32, "Images per candidate B.")
+flags.DEFINE_integer("repeats", 5, "Timed calls per case (median reported).")
+flags.DEFINE_list("cases", "fp32,bf16,fakequant_single,loop,vmap,map,auto", "Cases to run, in order.")
+
+
+def timed(fn, *args, repeats):
+    t0 = time.time()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.time() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.time()
+        jax.block_until_ready(fn(*args))
+        times.append(time.time() - t0)
+    return float(np.median(times)), compile_s
+
+
+def main(argv):
+    del argv
+    spec = models.get_spec(FLAGS.model)
+    model = models.build_model(spec)
+    model16 = models.build_model(spec, dtype=jnp.bfloat16)
+    params = models.init_params(spec, jax.random.key(0))
+    p, b = FLAGS.pop, FLAGS.batch
+    n = p * b
+
+    def apply_fn(prm, *a):
+        return model.apply({"params": prm}, *a)
+
+    sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec))
+    x = jax.random.normal(jax.random.key(1), (n, *spec.sample_shape))
+    t = jnp.full((n,), 500, jnp.int32)
+    y = jnp.arange(n, dtype=jnp.int32) % max(spec.num_classes, 1)
+    calib = (x[: min(n, 64)], t[: min(n, 64)], y[: min(n, 64)])
+    tables = quant.calibrate(apply_fn, params, sites, [calib], [8, 7, 6, 5], num_batches=1)
+    rng = np.random.default_rng(0)
+    w_pop = jnp.asarray(rng.choice([8, 7, 6, 5], (p, len(sites))), jnp.int32)
+    a_pop = jnp.asarray(rng.choice([8, 7, 6, 5], (p, len(sites))), jnp.int32)
+    xs, ts, ys = (a.reshape(p, b, *a.shape[1:]) for a in (x, t, y))
+
+    def candidate_forward(w_bits, a_bits, x, t, y, params, tables):
+        cand = quant.gather_candidate(tables, sites, w_bits, a_bits)
+        return quant.quantized_apply(apply_fn, sites, cand)(quant.quantize_params(params, sites, cand), x, t, y)
+
+    def plain(prm, x, t, y):
+        return model.apply({"params": prm}, x, t, y)
+
+    def plain16(prm, x, t, y):
+        return model16.apply({"params": prm}, x, t, y)
+
+    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    runners = {
+        "fp32": lambda: (jax.jit(plain), (params, x, t, y)),
+        "bf16": lambda: (jax.jit(plain16), (params16, x.astype(jnp.bfloat16), t, y)),
+        "fakequant_single": lambda: (jax.jit(candidate_forward), (w_pop[0], a_pop[0], x, t, y, params, tables)),
+    }
+    for strategy in quant.STRATEGIES:
+        if strategy == "sharded" and jax.device_count() == 1:
+            continue
+
+        def make(strategy=strategy):
+            fn = quant.population_fn(lambda w, a, xx, tt, yy, prm, tab: candidate_forward(w, a, xx, tt, yy, prm, tab),
+                                     strategy)
+            return (lambda pop, shared: fn(pop, shared)), ((w_pop, a_pop, xs, ts, ys), (params, tables))
+
+        runners[strategy] = make
+    rows, fp32 = [], None
+    out = Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
+            "device_count": jax.device_count(), "jax": jax.__version__, "flax": __import__("flax").__version__,
+            "model": spec.name, "params": models.count_params(params), "sites": len(sites),
+            "macs_per_image": int(sites.macs.sum()), "P": p, "B": b, "host": platform.node(),
+            "auto_strategy": quant.auto_strategy()}
+    print(f"{'case':18s} {'img/s':>10s} {'vs fp32':>8s} {'compile s':>9s}")
+    for case in FLAGS.cases:
+        if case not in runners:
+            continue
+        fn, args = runners[case]()
+        sec, compile_s = timed(fn, *args, repeats=FLAGS.repeats)
+        ips = n / sec
+        fp32 = ips if case == "fp32" else fp32
+        row = {"case": case, "img_per_s": ips, "seconds": sec, "compile_seconds": compile_s,
+               "ratio_to_fp32": ips / fp32 if fp32 else None, "total_batch": n}
+        rows.append(row)
+        print(f"{case:18s} {ips:10.1f} {row['ratio_to_fp32'] or float('nan'):8.2f} {compile_s:9.1f}", flush=True)
+        out.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
