@@ -10,6 +10,7 @@ gathers rows of these tables:
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -80,21 +81,24 @@ def calibrate_weights(params: Any, sites: SiteTable, table_bits) -> dict:
 # --- activations --------------------------------------------------------------------------------------------------
 
 
-def _summary(x: jax.Array):
+def _summary(x: jax.Array, key: jax.Array):
+    """(min, max, a fixed-seed random subsample). A strided subsample would keep one channel of an NHWC tensor."""
     flat = x.reshape(-1).astype(jnp.float32)
-    stride = max(1, flat.shape[0] // SAMPLES_PER_BATCH)
-    return jnp.min(flat), jnp.max(flat), flat[::stride][:SAMPLES_PER_BATCH]
+    idx = jax.random.randint(key, (SAMPLES_PER_BATCH,), 0, flat.shape[0])
+    return jnp.min(flat), jnp.max(flat), flat[idx]
 
 
 def make_stats_fn(apply_fn: Callable):
-    """jit(params, *inputs) -> {(path, role): (min, max, subsample)} for every site operand."""
+    """jit(salt, params, *inputs) -> {"path|role": (min, max, subsample)} for every site operand."""
 
     @jax.jit
-    def stats(params, *inputs):
+    def stats(salt, params, *inputs):
         found = {}
 
         def operand_fn(path, role, x):
-            found.setdefault(f"{path}|{role}", _summary(x))
+            name = f"{path}|{role}"
+            if name not in found:
+                found[name] = _summary(x, jax.random.fold_in(jax.random.key(zlib.crc32(name.encode())), salt))
             return x
 
         with nn.intercept_methods(make_interceptor(operand_fn)):
@@ -125,8 +129,10 @@ def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterab
 
     stats_fn = make_stats_fn(apply_fn)
     acc: dict[str, list] = {}
-    for inputs in tqdm(batches, total=num_batches, desc="calibrate activations", unit="batch", mininterval=2.0):
-        for k, (mn, mx, sub) in jax.device_get(stats_fn(params, *inputs)).items():
+    for i, inputs in enumerate(tqdm(batches, total=num_batches, desc="calibrate activations", unit="batch",
+                                    mininterval=2.0)):
+        salt = jnp.uint32((seed * 1_000_003 + i) % 2**32)
+        for k, (mn, mx, sub) in jax.device_get(stats_fn(salt, params, *inputs)).items():
             a = acc.setdefault(k, [np.inf, -np.inf, []])
             a[0], a[1] = min(a[0], float(mn)), max(a[1], float(mx))
             a[2].append(np.asarray(sub))
