@@ -27,16 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.budget_mode = "repair"  # 'repair' | 'infeasible'
     # algorithm
     c.algorithm = "evolution"  # or an evosax algorithm, e.g. 'CMA_ES', 'SimpleGA'
-    c.population_size = 10
+    c.population_size = 8
     c.generations = 4
-    c.num_parents = 4
-    c.num_mutation = 5
+    c.num_parents = 3
+    c.num_mutation = 4
     c.num_crossover = 2
     c.mutation_prob = 0.25
+    c.warm_start = True  # seed the joint search with the bests of the timestep-only and precision-only searches
     # fitness
     c.metric = "classifier_fd"
-    c.search_samples = 50
-    c.final_samples = 200
+    c.search_samples = 48
+    c.final_samples = 128
     c.rescore_top_k = 3
     c.noise_seed = 0
     c.reference_steps = 100

@@ -104,14 +104,17 @@ def sample_candidate(apply_fn: Callable, sites: SiteTable, abar: jax.Array, para
 
 
 def auto_strategy(devices=None) -> str:
-    """'sharded' over several devices, else 'map'.
+    """'sharded' over several devices; 'loop' on one CPU; 'map' on one GPU/TPU.
 
-    On CPU, vmap over per-candidate weights makes grouped convolutions (2-4x slower). On one H200 with cifar-ddpm,
-    P=16 x B=64, map ran at 5819 img/s against vmap's 5305 and the loop's 5244
-    (benchmarks/population_cifar-ddpm_H200.json), so map is the default there too.
+    On CPU, vmap over per-candidate weights makes grouped convolutions (2-4x slower), and map runs the candidates
+    one after another like the loop but compiles once per population size; the loop compiles once. On one H200
+    with cifar-ddpm, P=16 x B=64, map ran at 5819 img/s against vmap's 5305 and the loop's 5244
+    (benchmarks/population_cifar-ddpm_H200.json).
     """
     devices = devices or jax.devices()
-    return "sharded" if len(devices) > 1 else "map"
+    if len(devices) > 1:
+        return "sharded"
+    return "loop" if devices[0].platform == "cpu" else "map"
 
 
 def population_fn(fn: Callable, strategy: str = "auto", chunk_size: int = 1, devices=None) -> Callable:

@@ -52,6 +52,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     need("calib_steps", 1 <= c.calib_steps <= diffusion.NUM_TRAIN_TIMESTEPS, "in [1, 1000]")
     need("calib_samples", c.calib_samples >= 1, ">= 1")
     need("sample_batch", c.sample_batch >= 1, ">= 1")
+    need("warm_start", isinstance(c.warm_start, bool), "True or False")
     need("strategy", c.strategy in quant.STRATEGIES, str(quant.STRATEGIES))
     need("algorithm", c.algorithm == "evolution" or c.algorithm[:1].isupper(),
          "'evolution' or an evosax algorithm name such as 'CMA_ES' or 'SimpleGA'")
@@ -130,8 +131,11 @@ def _sha(path) -> str:
 # --- one evolutionary search, resumable ---------------------------------------------------------------------------
 
 
-def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool) -> dict:
-    """Run the configured algorithm on `space`; checkpoint after every generation to search_<name>.msgpack."""
+def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool, warm: list[Genome] = ()) -> dict:
+    """Run the configured algorithm on `space`; checkpoint after every generation to search_<name>.msgpack.
+
+    `warm` genomes replace the last random members of the first population (warm start).
+    """
     c = ctx.config
     algo = _make_algorithm(c, space)
     key = jax.random.key(c.seed)
@@ -156,6 +160,8 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool) -> dict:
         t0 = time.time()
         k = jax.random.fold_in(key, gen)
         pop, state = ask(k, state)
+        if gen == 0 and warm:
+            pop = jax.tree.map(lambda x, w: x.at[-len(warm):].set(w), pop, _stack_genomes(list(warm)))
         if c.budget_mode == "repair":
             pop, bitops, feasible = repair(pop)
         else:
@@ -287,9 +293,20 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
                  "fitness": _num(metric(ref_images[: c.search_samples])), "metric": _num(metric(ref_images))}
     timing["reference_seconds"] = time.time() - t0
 
+    # single-axis searches first when they warm-start the joint search
+    t0 = time.time()
+    singles = {}
+    for name in [b for b in c.baselines if b in ("timestep_only", "precision_only")]:
+        print(f"baseline search {name}", flush=True)
+        sub = space.restrict(search_timesteps=name == "timestep_only", search_bits=name == "precision_only")
+        singles[name] = (evolve(ctx, name, sub, resume), sub)
+    timing["single_axis_search_seconds"] = time.time() - t0
+    warm = [top_unique(r, 1)[0] for r, _ in singles.values() if top_unique(r, 1)] \
+        if c.warm_start and c.algorithm == "evolution" else []
+
     # main search
     t0 = time.time()
-    main = evolve(ctx, "joint", space, resume)
+    main = evolve(ctx, "joint", space, resume, warm)
     timing["search_seconds"] = time.time() - t0
     timing["candidates_per_second"] = c.population_size * c.generations / max(float(main["log"]["seconds"].sum()),
                                                                                1e-9)
@@ -312,8 +329,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
             baselines[name] = describe(ctx, g, space, fit, final[0])
             baseline_images[name] = images[0]
         else:
-            sub = space.restrict(search_timesteps=name == "timestep_only", search_bits=name == "precision_only")
-            result = evolve(ctx, name, sub, resume)
+            result, sub = singles[name]
             histories += result["history"]
             baselines[name], baseline_images[name] = rescore(ctx, result, sub, name)
             main.setdefault("others", {})[name] = result
