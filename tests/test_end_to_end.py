@@ -67,6 +67,7 @@ def test_search_writes_samples_plots_and_checkpoints(tiny_run):
     assert (work / "search_joint.msgpack").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_completion_reproduces_the_result(tiny_run):
     work, r, _ = tiny_run
     cmd = [sys.executable, str(ROOT / "experiments" / "search.py"), "--config",

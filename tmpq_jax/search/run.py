@@ -178,6 +178,10 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool, warm: list
         checkpoint.save_tree(path, {"state": state, "log": log, "generation": gen + 1})
         seen = log["fitness"][: gen + 1].ravel()
         finite = fit[np.isfinite(fit)]
+        with open(ctx.workdir / "history.jsonl", "a") as f:  # live progress; rewritten in full at the end
+            f.write(json.dumps({"search": name, "generation": gen, "best": float(np.min(seen)),
+                                "median": float(np.median(finite)) if finite.size else None,
+                                "feasible_fraction": float(np.mean(np.asarray(feasible)))}) + "\n")
         bar.set_postfix(best=f"{np.min(seen):.3f}", median=f"{np.median(finite) if finite.size else np.inf:.3f}",
                         feasible=f"{np.mean(np.asarray(feasible)):.2f}")
     bar.close()
