@@ -104,17 +104,16 @@ def sample_candidate(apply_fn: Callable, sites: SiteTable, abar: jax.Array, para
 
 
 def auto_strategy(devices=None) -> str:
-    """'sharded' over several devices; 'loop' on one CPU; 'map' on one GPU/TPU.
+    """'sharded' over several devices, else 'map' (a chunked lax.map over candidates).
 
-    On CPU, vmap over per-candidate weights makes grouped convolutions (2-4x slower), and map runs the candidates
-    one after another like the loop but compiles once per population size; the loop compiles once. On one H200
-    with cifar-ddpm, P=16 x B=64, map ran at 5819 img/s against vmap's 5305 and the loop's 5244
-    (benchmarks/population_cifar-ddpm_H200.json).
+    Measured with experiments/bench_population.py (P candidates x B images, one forward each):
+    - 2-core CPU, mnist-small, P=8 x B=32: map 188 img/s, loop 171, vmap 96 (vmap over per-candidate weights
+      becomes grouped convolutions) -- benchmarks/population_mnist-small_cpu.json;
+    - one H200, cifar-ddpm, P=16 x B=64: map 5819 img/s, vmap 5305, loop 5244
+      -- benchmarks/population_cifar-ddpm_H200.json.
     """
     devices = devices or jax.devices()
-    if len(devices) > 1:
-        return "sharded"
-    return "loop" if devices[0].platform == "cpu" else "map"
+    return "sharded" if len(devices) > 1 else "map"
 
 
 def population_fn(fn: Callable, strategy: str = "auto", chunk_size: int = 1, devices=None) -> Callable:
