@@ -104,16 +104,19 @@ def sample_candidate(apply_fn: Callable, sites: SiteTable, abar: jax.Array, para
 
 
 def auto_strategy(devices=None) -> str:
-    """'sharded' over several devices, else 'map' (a chunked lax.map over candidates).
+    """'sharded' over several devices; 'map' (chunked lax.map) on one GPU/TPU; 'loop' on one CPU.
 
     Measured with experiments/bench_population.py (P candidates x B images, one forward each):
-    - 2-core CPU, mnist-small, P=8 x B=32: map 188 img/s, loop 171, vmap 96 (vmap over per-candidate weights
-      becomes grouped convolutions) -- benchmarks/population_mnist-small_cpu.json;
     - one H200, cifar-ddpm, P=16 x B=64: map 5819 img/s, vmap 5305, loop 5244
-      -- benchmarks/population_cifar-ddpm_H200.json.
+      (benchmarks/population_cifar-ddpm_H200.json);
+    - 2-core CPU, mnist-small, P=8 x B=32: map 173-188 img/s, loop 154-171, vmap 96 (grouped convolutions)
+      (benchmarks/population_mnist-small_cpu.json). But map compiles one program per population size, the loop
+      one in all: the default search took 541 s with the loop and 577 s with map on the same CPU.
     """
     devices = devices or jax.devices()
-    return "sharded" if len(devices) > 1 else "map"
+    if len(devices) > 1:
+        return "sharded"
+    return "loop" if devices[0].platform == "cpu" else "map"
 
 
 def population_fn(fn: Callable, strategy: str = "auto", chunk_size: int = 1, devices=None) -> Callable:
