@@ -49,7 +49,6 @@ def test_ddim_matches_float64_reference(clip, ts):
 
 def test_trajectory_holds_unet_inputs():
     abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
-    seen = []
     x = jnp.ones((2, 2, 2, 1))
     _, traj = diffusion.ddim_sample(lambda x, t, y: 0.1 * x, abar, jnp.asarray([900, 100]), x, jnp.zeros(2),
                                     return_trajectory=True)
@@ -57,7 +56,6 @@ def test_trajectory_holds_unet_inputs():
     np.testing.assert_array_equal(traj.t, [900, 100])
     np.testing.assert_array_equal(traj.x[0], x)
     assert not np.allclose(traj.x[1], x)
-    del seen
 
 
 def test_population_vmap_and_map_equal_single(tiny):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tmpq_jax import quant
 from tmpq_jax.search import EvolutionSearch, EvosaxSearch, Genome, SearchSpace, crossover, make_repair, mutate
 from tmpq_jax.search import run as run_mod
 
@@ -84,20 +85,23 @@ def test_operators_respect_groups_and_choices():
     assert int(jnp.max(m.timestep_idx)) == 0 and int(jnp.max(m.w_bit_idx)) > 0
 
 
+def sites_with_macs(macs):
+    return quant.SiteTable(tuple(quant.Site(f"site{i}", "conv", int(m), 1) for i, m in enumerate(macs)))
+
+
 def test_repair_never_exceeds_budget_and_lowers_costliest():
-    macs = np.asarray([1000, 10, 10, 500, 10, 10, 10])
-    fixed = np.zeros(7, np.int32)
-    budget = float(make_repair(SPACE, macs, fixed, fixed, 0.0).bitops(SPACE.uniform_bits(6)))
-    repair = jax.jit(jax.vmap(make_repair(SPACE, macs, fixed, fixed, budget)))
+    sites = sites_with_macs([1000, 10, 10, 500, 10, 10, 10])
+    budget = float(make_repair(SPACE, sites, 0.0).bitops(SPACE.uniform_bits(6)))
+    repair = jax.jit(jax.vmap(make_repair(SPACE, sites, budget)))
     pop = jax.vmap(SPACE.random)(jax.random.split(jax.random.key(3), 300))
     pop = pop.replace(w_bit_idx=jnp.zeros_like(pop.w_bit_idx))  # all 8-bit weights: mostly over budget
     fixed_pop, bitops, feasible = repair(pop)
     assert bool(jnp.all(feasible)) and float(jnp.max(bitops)) <= budget
     all8 = SPACE.uniform_bits(8)
-    g, b, ok = make_repair(SPACE, macs, fixed, fixed, budget)(all8)
+    g, b, ok = make_repair(SPACE, sites, budget)(all8)
     assert bool(ok) and int(g.w_bit_idx[0]) > 0 and int(g.w_bit_idx[1]) == 0  # the big site paid first
     # an impossible budget: bounded loop, reported infeasible
-    g, b, ok = make_repair(SPACE, macs, fixed, fixed, 1.0)(all8)
+    g, b, ok = make_repair(SPACE, sites, 1.0)(all8)
     assert not bool(ok) and int(jnp.min(g.w_bit_idx)) == 3
 
 
@@ -192,10 +196,9 @@ def _ctx(tmp_path, evaluator):
     c = _config()
     c.generations, c.population_size, c.num_parents, c.num_mutation, c.num_crossover = 5, 8, 3, 3, 2
     space = SearchSpace.create(4, 6)
-    macs = np.arange(1, 7) * 100
-    z = np.zeros(6, np.int32)
-    budget = float(make_repair(space, macs, z, z, 0).bitops(space.uniform_bits(6)))
-    return run_mod.Context(c, tmp_path, None, None, space, evaluator, make_repair(space, macs, z, z, budget), budget,
+    sites = sites_with_macs(np.arange(1, 7) * 100)
+    budget = float(make_repair(space, sites, 0).bitops(space.uniform_bits(6)))
+    return run_mod.Context(c, tmp_path, sites, space, evaluator, make_repair(space, sites, budget), budget,
                            {}), space
 
 

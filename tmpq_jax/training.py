@@ -113,9 +113,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, resume: bool = False)
     with tqdm(total=config.num_steps, initial=start_step, desc="train", unit="step", mininterval=2.0) as bar:
         for step in range(start_step, config.num_steps):
             state, loss = train_step(state, images, labels)
-            losses.append(float(loss)) if (step + 1) % 50 == 0 or step + 1 == config.num_steps else None
             bar.update(1)
-            if losses and (step + 1) % 50 == 0:
+            if (step + 1) % 50 == 0 or step + 1 == config.num_steps:  # host sync only every 50 steps
+                losses.append(float(loss))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.num_steps:
                 checkpoint.save_tree(state_path, state)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +42,12 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
+@jax.jit
+def _classify(params, images):
+    logits, feats = MnistClassifier().apply({"params": params}, images)
+    return jax.nn.softmax(logits), feats
+
+
 @dataclasses.dataclass
 class ClassifierFeatures:
     """The project classifier as a feature extractor: images in [-1, 1] -> (probabilities, features)."""
@@ -57,12 +62,10 @@ class ClassifierFeatures:
         return cls(checkpoint.load_tree(path, classifier_init(jax.random.key(0))))
 
     def __call__(self, images: jax.Array):
-        logits, feats = MnistClassifier().apply({"params": self.params}, images)
-        return jax.nn.softmax(logits), feats
+        return _classify(self.params, images)
 
     def batched(self, images: np.ndarray, batch: int = 500):
-        fn = jax.jit(self.__call__)
-        outs = [fn(jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
+        outs = [_classify(self.params, jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
         return np.concatenate([np.asarray(o[0]) for o in outs]), np.concatenate([np.asarray(o[1]) for o in outs])
 
 
@@ -78,5 +81,3 @@ def classifier_report(clf: ClassifierFeatures, images: np.ndarray, ref_mu, ref_s
         out["label_accuracy"] = float((pred == np.asarray(labels)).mean())
     return out
 
-
-MetricFn = Callable[[np.ndarray], float]

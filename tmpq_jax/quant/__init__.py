@@ -4,6 +4,7 @@ from tmpq_jax.quant.calibrate import (QuantTables, calibrate, load_tables, save_
                                       trajectory_batches)
 from tmpq_jax.quant.engine import (STRATEGIES, CandidateQuant, auto_strategy, bitops, bitops_exact,
                                    check_candidate_bits, fp_bitops, gather_candidate, make_population_sampler,
+                                   site_bitops,
                                    population_fn, quantize_params, quantized_apply, sample_candidate)
 from tmpq_jax.quant.fake_quant import check_bit_choices, check_bits, qdq_asymmetric, qdq_symmetric
 from tmpq_jax.quant.sites import (DEFAULT_RULES, QuantRule, Site, SiteTable, discover_sites, make_interceptor)
@@ -11,6 +12,6 @@ from tmpq_jax.quant.sites import (DEFAULT_RULES, QuantRule, Site, SiteTable, dis
 __all__ = ["QuantTables", "calibrate", "load_tables", "save_tables", "table_bits_for", "trajectory_batches",
            "STRATEGIES", "CandidateQuant", "auto_strategy", "bitops", "bitops_exact", "check_candidate_bits",
            "fp_bitops", "gather_candidate", "make_population_sampler", "population_fn", "quantize_params",
-           "quantized_apply", "sample_candidate", "check_bit_choices", "check_bits", "qdq_asymmetric",
+           "quantized_apply", "sample_candidate", "site_bitops", "check_bit_choices", "check_bits", "qdq_asymmetric",
            "qdq_symmetric", "DEFAULT_RULES", "QuantRule", "Site", "SiteTable", "discover_sites",
            "make_interceptor"]

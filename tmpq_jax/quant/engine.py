@@ -179,17 +179,19 @@ def make_population_sampler(apply_fn: Callable, sites: SiteTable, strategy: str 
 # --- BitOPs -------------------------------------------------------------------------------------------------------
 
 
+def site_bitops(sites: SiteTable, w_bits, a_bits, num_steps) -> jax.Array:
+    """Per-site MACs x w_bits x a_bits x steps, pinned bits (rules) applied; shape (..., L)."""
+    macs = jnp.asarray(sites.macs, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    w, a = resolve_bits(sites, jnp.asarray(w_bits), jnp.asarray(a_bits))
+    return macs * w * a * jnp.asarray(num_steps, macs.dtype)
+
+
 def bitops(sites: SiteTable, w_bits, a_bits, num_steps) -> jax.Array:
     """Sum over sites of MACs x w_bits x a_bits, per image, times the number of sampling steps (TMPQ-DM eq. 6).
 
-    Pinned bits (rules) apply. Works on concrete or traced bits and on population batches (..., L).
+    Works on concrete or traced bits and on population batches (..., L).
     """
-    macs = jnp.asarray(sites.macs, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
-    fw = jnp.asarray([s.fixed_w_bits for s in sites.sites])
-    fa = jnp.asarray([s.fixed_a_bits for s in sites.sites])
-    w = jnp.where(fw > 0, fw, jnp.asarray(w_bits))
-    a = jnp.where(fa > 0, fa, jnp.asarray(a_bits))
-    return jnp.sum(macs * w * a, axis=-1) * jnp.asarray(num_steps, macs.dtype)
+    return jnp.sum(site_bitops(sites, w_bits, a_bits, num_steps), axis=-1)
 
 
 def bitops_exact(sites: SiteTable, w_bits, a_bits, num_steps: int) -> int:

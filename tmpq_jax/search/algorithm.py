@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from tmpq_jax.quant.engine import site_bitops
 from tmpq_jax.search.space import Genome, SearchSpace
 
 
@@ -122,22 +123,20 @@ class EvolutionSearch:
 # --- budget -------------------------------------------------------------------------------------------------------
 
 
-def make_repair(space: SearchSpace, macs, fixed_w, fixed_a, budget: float):
+def make_repair(space: SearchSpace, sites, budget: float):
     """Lower the bits of the costliest site, one step at a time, until BitOPs <= budget.
 
-    Bounded: at most L * 2 * (B - 1) steps. Returns (genome, bitops, feasible). `macs` is per step and image;
-    `fixed_w` / `fixed_a` hold pinned bits (0 = searched), which are never changed.
+    Bounded: at most L * 2 * (B - 1) steps. Returns (genome, bitops, feasible). Costs come from
+    `quant.site_bitops`; sites with pinned bits (rules) are never changed.
     """
-    macs = jnp.asarray(macs, jnp.float32)
-    choices = jnp.asarray(space.bit_choices, jnp.float32)
     nb, n = len(space.bit_choices), space.num_steps
-    fw, fa = jnp.asarray(fixed_w), jnp.asarray(fixed_a)
+    fw = jnp.asarray([s.fixed_w_bits for s in sites.sites])
+    fa = jnp.asarray([s.fixed_a_bits for s in sites.sites])
     budget = jnp.float32(budget)
 
     def cost_terms(g):
-        w = jnp.where(fw > 0, fw, choices[g.w_bit_idx])
-        a = jnp.where(fa > 0, fa, choices[g.a_bit_idx])
-        return w, a, macs * w * a * n
+        w, a = space.bits(g.w_bit_idx), space.bits(g.a_bit_idx)
+        return w, a, site_bitops(sites, w, a, n)
 
     def bitops_of(g):
         return jnp.sum(cost_terms(g)[2], axis=-1)

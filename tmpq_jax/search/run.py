@@ -68,18 +68,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
 class Context:
     config: ml_collections.ConfigDict
     workdir: Path
-    spec: models.ModelSpec
     sites: quant.SiteTable
     space: SearchSpace
     evaluator: Evaluator
     repair: Any
     budget: float
     timing: dict
-
-
-def _genome_rows(pop: Genome) -> list[Genome]:
-    n = pop.timestep_idx.shape[0]
-    return [jax.tree.map(lambda x: x[i], pop) for i in range(n)]
 
 
 def _stack_genomes(gs: list[Genome]) -> Genome:
@@ -142,6 +136,8 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool, warm: list
     ask = jax.jit(algo.ask)
     tell = jax.jit(algo.tell)
     repair = jax.jit(jax.vmap(ctx.repair))
+    bitops_of = jax.jit(jax.vmap(ctx.repair.bitops))
+    decode = jax.jit(jax.vmap(space.decode))
     state = algo.init(key)
     g, p = c.generations, c.population_size
     log = {"genomes": jax.tree.map(lambda x: np.zeros((g, p, *x.shape), np.int32), space.seed()),
@@ -165,9 +161,9 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool, warm: list
         if c.budget_mode == "repair":
             pop, bitops, feasible = repair(pop)
         else:
-            bitops = jax.vmap(ctx.repair.bitops)(pop)
+            bitops = bitops_of(pop)
             feasible = bitops <= ctx.budget
-        ts, wb, ab = jax.vmap(space.decode)(pop)
+        ts, wb, ab = decode(pop)
         fit = ctx.evaluator.score(ctx.evaluator.sample(ts, wb, ab, c.search_samples))
         fit = np.where(np.asarray(feasible), nan_to_inf(fit), np.inf)
         state = tell(k, pop, jnp.asarray(fit, jnp.float32), state)
@@ -195,7 +191,8 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool, warm: list
     return {"log": log, "history": history, "space": space}
 
 
-def top_unique(result: dict, k: int) -> list[Genome]:
+def top_unique(result: dict, k: int) -> list[tuple[Genome, float]]:
+    """The k best distinct feasible genomes of a search log, with their search fitness, best first."""
     log = result["log"]
     fit = np.asarray(log["fitness"]).ravel()
     flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), log["genomes"])
@@ -207,13 +204,13 @@ def top_unique(result: dict, k: int) -> list[Genome]:
         sig = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(g))
         if sig not in seen:
             seen.add(sig)
-            out.append(g)
+            out.append((g, float(fit[i])))
         if len(out) == k:
             break
     return out
 
 
-def describe(ctx: Context, g: Genome, space: SearchSpace, fitness: float, metric: float, images=None) -> dict:
+def describe(ctx: Context, g: Genome, space: SearchSpace, fitness: float, metric: float) -> dict:
     ts, wb, ab = (np.asarray(x) for x in space.decode(g))
     wb, ab = (np.asarray(x) for x in quant.engine.resolve_bits(ctx.sites, jnp.asarray(wb), jnp.asarray(ab)))
     bitops = quant.bitops_exact(ctx.sites, wb, ab, len(ts))
@@ -263,9 +260,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
     sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules)
     space = SearchSpace.create(c.num_steps, len(sites), list(c.bit_choices), c.spacing, list(c.group_starts) or None,
                                seed_bits=c.seed_bits)
-    fixed_w = np.asarray([s.fixed_w_bits for s in sites.sites])
-    fixed_a = np.asarray([s.fixed_a_bits for s in sites.sites])
-    repair = make_repair(space, sites.macs, fixed_w, fixed_a, 0.0)
+    repair = make_repair(space, sites, 0.0)
     min_cost = float(repair.bitops(Genome(space.seed().timestep_idx,
                                           jnp.full(len(sites), len(space.bit_choices) - 1),
                                           jnp.full(len(sites), len(space.bit_choices) - 1))))
@@ -273,7 +268,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
     if budget < min_cost:
         raise ValueError(f"budget {budget:.4g} BitOPs is impossible: the cheapest candidate (all "
                          f"{space.bit_choices[-1]}-bit, {c.num_steps} steps) costs {min_cost:.4g}")
-    repair = make_repair(space, sites.macs, fixed_w, fixed_a, budget)
+    repair = make_repair(space, sites, budget)
     print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
           f"{int(sites.macs.sum()):,} MACs/step; budget {budget:.4g} BitOPs", flush=True)
     timing["load_seconds"] = time.time() - t0
@@ -285,7 +280,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
     metric = make_metric(c.metric)
     evaluator = Evaluator(apply_fn, sites, params, tables, spec.sample_shape, spec.num_classes, metric,
                           c.noise_seed, c.strategy, c.chunk_size, c.sample_batch)
-    ctx = Context(c, workdir, spec, sites, space, evaluator, repair, budget, timing)
+    ctx = Context(c, workdir, sites, space, evaluator, repair, budget, timing)
 
     # FP reference
     t0 = time.time()
@@ -305,7 +300,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
         sub = space.restrict(search_timesteps=name == "timestep_only", search_bits=name == "precision_only")
         singles[name] = (evolve(ctx, name, sub, resume), sub)
     timing["single_axis_search_seconds"] = time.time() - t0
-    warm = [top_unique(r, 1)[0] for r, _ in singles.values() if top_unique(r, 1)] \
+    warm = [top[0][0] for top in (top_unique(r, 1) for r, _ in singles.values()) if top] \
         if c.warm_start and c.algorithm == "evolution" else []
 
     # main search
@@ -367,25 +362,14 @@ def rescore(ctx: Context, result: dict, space: SearchSpace, name: str):
     if not top:
         raise RuntimeError(f"search {name!r} found no feasible candidate in {c.generations} generations; raise the "
                            "budget or use budget_mode='repair'")
-    images, final = score_genomes(ctx, top, space, c.final_samples)
+    genomes = [g for g, _ in top]
+    images, final = score_genomes(ctx, genomes, space, c.final_samples)
     final = nan_to_inf(final)
     i = int(np.argmin(final))
-    fit = float(np.min(np.asarray(result["log"]["fitness"])[np.isfinite(result["log"]["fitness"])]))
+    out = describe(ctx, genomes[i], space, top[i][1], final[i])
     ranked = sorted(zip(final.tolist(), range(len(top))))
-    fit_i = _fitness_of(result, top[i])
-    out = describe(ctx, top[i], space, fit_i if fit_i is not None else fit, final[i])
     out["rescored"] = [{"rank_by_search": j, "metric": _num(m)} for m, j in ranked]
     return out, images[i]
-
-
-def _fitness_of(result, g: Genome):
-    log = result["log"]
-    flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), log["genomes"])
-    fit = np.asarray(log["fitness"]).ravel()
-    match = np.ones(fit.shape, bool)
-    for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(g)):
-        match &= np.all(a == np.asarray(b), axis=-1)
-    return float(fit[match].min()) if match.any() else None
 
 
 def write_outputs(workdir: Path, results, histories, ref_images, best_images, baseline_images, main, space, sites):
