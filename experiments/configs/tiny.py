@@ -21,4 +21,5 @@ def get_config():
     c.reference_steps = 4
     c.calib_steps = 4
     c.calib_samples = 8
+    c.fid_batch = 12  # one Inception batch per final image set
     return c

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from tmpq_jax import checkpoint
-from tmpq_jax.models.classifier import MnistClassifier, classifier_init
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CLASSIFIER = REPO_ROOT / "checkpoints" / "mnist-classifier" / "params.msgpack"
@@ -94,6 +93,8 @@ class StreamingStats:
 
 @jax.jit
 def _classify(params, images):
+    from tmpq_jax.models.classifier import MnistClassifier  # lazy: importing models loads diffusers (3 s)
+
     logits, feats = MnistClassifier().apply({"params": params}, images)
     return jax.nn.softmax(logits), feats
 
@@ -109,6 +110,8 @@ class ClassifierFeatures:
         if not Path(path).is_file():
             raise FileNotFoundError(f"classifier checkpoint {str(path)!r} is missing; train it with "
                                     "`python experiments/train_classifier.py --workdir DIR`")
+        from tmpq_jax.models.classifier import classifier_init
+
         return cls(checkpoint.load_tree(path, classifier_init(jax.random.key(0))))
 
     def __call__(self, images: jax.Array):

@@ -33,7 +33,8 @@ class ClassifierFrechet:
     name: str = "classifier_fd"
 
     @classmethod
-    def mnist_heldout(cls) -> "ClassifierFrechet":
+    def mnist_heldout(cls, config=None) -> "ClassifierFrechet":
+        del config
         clf = metrics.ClassifierFeatures.load()
         _, feats = clf.batched(data.mnist("heldout").images)
         return cls(clf, *metrics.feature_stats(feats))
@@ -46,21 +47,30 @@ class ClassifierFrechet:
         return metrics.frechet_distance(*metrics.feature_stats(feats), self.ref_mu, self.ref_sigma)
 
 
-METRICS: dict[str, Callable[[], Metric]] = {"classifier_fd": ClassifierFrechet.mnist_heldout}
+def _inception_fid(config=None) -> Metric:
+    from tmpq_jax.metrics.fid import InceptionFID
+
+    return InceptionFID.from_config(config)
 
 
-def register_metric(name: str, factory: Callable[[], Metric]) -> None:
-    """Make a metric available to the search by name (e.g. the standard Inception FID)."""
+# name -> factory(config): config fields a metric reads (e.g. fid_reference) come from the search config
+METRICS: dict[str, Callable[[Any], Metric]] = {"classifier_fd": ClassifierFrechet.mnist_heldout,
+                                               "inception_fid": _inception_fid}
+
+
+def register_metric(name: str, factory: Callable[[Any], Metric]) -> None:
+    """Make a metric available to the search by name; `factory(config)` builds it."""
     METRICS[name] = factory
 
 
-def make_metric(name: str) -> Metric:
-    if name == "inception_fid" and name not in METRICS:
-        raise ValueError("metric 'inception_fid' is not available in this version (the Flax Inception network is "
-                         "not built yet); use 'classifier_fd' or register one with register_metric()")
+def check_metric_name(name: str, where: str = "metric") -> None:
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; valid: {sorted(METRICS) + ['inception_fid']}")
-    return METRICS[name]()
+        raise ValueError(f"config.{where} has unknown metric {name!r}; valid: {sorted(METRICS)}")
+
+
+def make_metric(name: str, config=None) -> Metric:
+    check_metric_name(name)
+    return METRICS[name](config)
 
 
 def fixed_noise(seed: int, n: int, sample_shape: tuple[int, ...], num_classes: int):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from tmpq_jax import checkpoint, data, diffusion, models, quant
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch, make_repair
-from tmpq_jax.search.fitness import Evaluator, make_metric, nan_to_inf
+from tmpq_jax.search.fitness import Evaluator, check_metric_name, make_metric, nan_to_inf
 from tmpq_jax.search.space import Genome, SearchSpace
 from tmpq_jax.visual import save_grid, save_plots
 
@@ -56,6 +56,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     need("strategy", c.strategy in quant.STRATEGIES, str(quant.STRATEGIES))
     need("algorithm", c.algorithm == "evolution" or c.algorithm[:1].isupper(),
          "'evolution' or an evosax algorithm name such as 'CMA_ES' or 'SimpleGA'")
+    check_metric_name(c.metric)
+    for name in c.get("report_metrics", []):
+        check_metric_name(name, "report_metrics")
+    need("fid_batch", c.get("fid_batch", 1) >= 1, ">= 1")
     for name in c.baselines:
         if name not in BASELINES:
             raise ValueError(f"config.baselines has unknown entry {name!r}; valid: {BASELINES}")
@@ -277,7 +281,9 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
     t0 = time.time()
     tables = _calibrate(c, workdir, apply_fn, params, sites, spec)
     timing["calibration_seconds"] = time.time() - t0
-    metric = make_metric(c.metric)
+    metric = make_metric(c.metric, c)
+    # metrics reported on the final image sets only (built now, so missing weights fail before the search)
+    reports = [make_metric(name, c) for name in c.get("report_metrics", []) if name != c.metric]
     evaluator = Evaluator(apply_fn, sites, params, tables, spec.sample_shape, spec.num_classes, metric,
                           c.noise_seed, c.strategy, c.chunk_size, c.sample_batch)
     ctx = Context(c, workdir, sites, space, evaluator, repair, budget, timing)
@@ -333,6 +339,16 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
             baselines[name], baseline_images[name] = rescore(ctx, result, sub, name)
             main.setdefault("others", {})[name] = result
     timing["baselines_seconds"] = time.time() - t0
+
+    # extra metrics (e.g. Inception FID) on the final image sets, next to the search metric
+    t0 = time.time()
+    final_sets = {"reference": (reference, ref_images), "best": (best, best_images),
+                  **{k: (baselines[k], baseline_images[k]) for k in baselines}}
+    for m in reports:
+        print(f"report {m.name}: {len(final_sets)} image sets x {c.final_samples} samples", flush=True)
+        for name, (entry, images) in tqdm(final_sets.items(), desc=m.name, unit="set"):
+            entry.setdefault("report_metrics", {})[m.name] = _num(m(images))
+    timing["report_seconds"] = time.time() - t0
     timing["total_seconds"] = time.time() - t_all
 
     # outputs
@@ -346,7 +362,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
         "reference": reference, "budget_bitops": budget, "best": best, "baselines": baselines,
         "history": [h for h in histories if h["search"] == "joint"],
         "baseline_history": [h for h in histories if h["search"] != "joint"],
-        "timing": timing, "metric_name": metric.name,
+        "timing": timing, "metric_name": metric.name, "report_metric_names": [m.name for m in reports],
         "metric_samples": {"search": c.search_samples, "final": c.final_samples},
         "devices": [d.device_kind for d in jax.devices()], "strategy": quant.auto_strategy()
         if c.strategy == "auto" else c.strategy,
@@ -384,6 +400,17 @@ def write_outputs(workdir: Path, results, histories, ref_images, best_images, ba
         save_grid(workdir / f"samples_{name}.png", unit[:100], ncols=10)
     scatter = {"joint": main["log"], **{k: v["log"] for k, v in main.get("others", {}).items()}}
     save_plots(workdir, histories, scatter, results)
-    print(f"best: {results['best']['metric']:.3f} {results['metric_name']} at {results['best']['bitops']:.4g} BitOPs "
-          f"({results['best']['bitops_reduction']:.0f}x fewer than FP32 {results['reference']['steps']} steps); "
-          f"uniform_w6a6: {results['baselines'].get('uniform_w6a6', {}).get('metric')}", flush=True)
+    print(summary_table(results), flush=True)
+
+
+def summary_table(results: dict) -> str:
+    """One row per final image set: BitOPs, reduction vs FP32, search metric and any report metrics."""
+    names = [results["metric_name"], *results.get("report_metric_names", [])]
+    rows = {"reference": results["reference"], "best": results["best"], **results["baselines"]}
+    fp = results["reference"]["bitops"]
+    out = [f"{'':16s} {'BitOPs':>10s} {'vs FP32':>8s} " + " ".join(f"{n:>14s}" for n in names)]
+    for name, e in rows.items():
+        vals = [e["metric"], *[e.get("report_metrics", {}).get(n) for n in names[1:]]]
+        out.append(f"{name:16s} {e['bitops']:10.4g} {fp / e['bitops']:7.0f}x " +
+                   " ".join(f"{v:14.3f}" if v is not None else f"{'-':>14s}" for v in vals))
+    return f"final scores on {results['metric_samples']['final']} samples each:\n" + "\n".join(out)

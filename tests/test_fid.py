@@ -1,0 +1,240 @@
+"""Standard FID: Flax Inception parity with the TorchScript original, statistics, Frechet distance, errors, CLI."""
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from tmpq_jax import metrics
+from tmpq_jax.metrics import fid, inception as inc
+from tmpq_jax.metrics import inception_weights as W
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _random_images(seed, n, size, channels):
+    return np.random.default_rng(seed).uniform(0, 1, (n, size, size, channels)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- parity with the TorchScript network
+
+
+def _torch_features(path, images01):
+    """The reference pipeline in torch: 8-bit levels, TF-1 bilinear resize via grid_sample, (x - 128) / 128."""
+    torch = pytest.importorskip("torch")
+    net = torch.jit.load(str(path), map_location="cpu").eval()
+    x = torch.from_numpy(np.round(images01 * 255.0).transpose(0, 3, 1, 2).copy()).expand(-1, 3, -1, -1)
+    n, _, h, w = x.shape
+    # output pixel j samples input position j * in / out; grid_sample (align_corners=False) reads pixel u at
+    # normalised coordinate (2u + 1) / in - 1, and 'border' padding clamps at the last pixel
+    ys = (2 * (torch.arange(299, dtype=torch.float64) * h / 299) + 1) / h - 1
+    xs = (2 * (torch.arange(299, dtype=torch.float64) * w / 299) + 1) / w - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).float()[None].expand(n, -1, -1, -1)
+    x = torch.nn.functional.grid_sample(x.contiguous(), grid, mode="bilinear", padding_mode="border",
+                                        align_corners=False)
+    with torch.no_grad():
+        return net(x / 128.0 - 1.0).double().numpy()
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (299, 3)])
+def test_flax_features_match_torchscript(inception, fid_cache, size, channels):
+    images = _random_images(size, 4, size, channels)
+    ref = _torch_features(fid_cache / W.SOURCE_FILE, images)
+    ours = inception.features(images, progress=False).astype(np.float64)
+    rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    print(f"relative feature error at {size}x{size}x{channels}: {rel:.2e}")
+    assert ours.shape == (4, 2048) and rel < 1e-4
+
+
+def test_fid_matches_numpy_reference_formula(inception, fid_cache):
+    a, b = _random_images(1, 12, 28, 1), _random_images(2, 12, 28, 1) ** 2
+    fa, fb = (_torch_features(fid_cache / W.SOURCE_FILE, x) for x in (a, b))
+    (mu1, s1), (mu2, s2) = [(f.mean(0), np.cov(f, rowvar=False)) for f in (fa, fb)]
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
+    ours = fid.fid_from_stats(inception.stats(a, progress=False), inception.stats(b, progress=False))
+    print(f"FID ours {ours:.6f} numpy/torch reference {expected:.6f}")
+    assert ours == pytest.approx(expected, rel=1e-3)
+
+
+def test_resize_matrix_is_tf1_bilinear():
+    m = inc.resize_matrix(28, 299)
+    np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(inc.resize_matrix(5, 5), np.eye(5, dtype=np.float32))
+    # output 1 samples input 28/299 of the way from pixel 0 to pixel 1; the tail clamps to the last pixel
+    assert m[1, 0] == pytest.approx(1 - 28 / 299) and m[1, 1] == pytest.approx(28 / 299)
+    assert m[-1, -1] == 1.0
+
+
+def test_converted_weights_match_the_flax_module():
+    tree = W.read_torchscript(W.cache_dir() / W.SOURCE_FILE) if (W.cache_dir() / W.SOURCE_FILE).is_file() else None
+    if tree is None:
+        pytest.skip("needs the fid_cache fixture")
+    params, arch = W.convert(tree)
+    inc.check_architecture(arch)
+    bad = dict(arch, **{"mixed_4/tower/conv_1": (1, (3, 0))})
+    with pytest.raises(W.WeightsError, match="mixed_4/tower/conv_1"):
+        inc.check_architecture(bad)
+    del tree["net"]["layers"]["mixed_10"]["conv"]
+    with pytest.raises(W.WeightsError, match="372 tensors"):
+        W.convert(tree)
+
+
+# ---------------------------------------------------------------- statistics and Frechet distance
+
+
+@pytest.mark.parametrize("batches", [[50], [1] * 7 + [43], [13, 13, 13, 11], [2, 48]])
+def test_streaming_stats_equal_one_shot(batches):
+    f = np.random.default_rng(0).normal(3.0, 2.0, (sum(batches), 16)) * np.linspace(0.1, 10, 16)
+    acc, i = metrics.StreamingStats(), 0
+    for b in batches:
+        acc.update(f[i:i + b])
+        i += b
+    mu, sigma = acc.result()
+    np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def test_extractor_stats_equal_one_shot_with_a_padded_last_batch(inception):
+    images = _random_images(3, 6, 28, 1)  # batches of 4: the last one is padded with 2 blank images
+    mu, sigma = inception.stats(images, progress=False)
+    mu1, sigma1 = metrics.feature_stats(inception.features(images, progress=False))
+    np.testing.assert_allclose(mu, mu1, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sigma, sigma1, rtol=1e-7, atol=1e-9)
+
+
+def test_frechet_distance_matches_sqrtm_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 8)), rng.normal(size=(64, 8)) @ rng.normal(size=(8, 8)) + 0.5
+    (mu1, s1), (mu2, s2) = metrics.feature_stats(a), metrics.feature_stats(b)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(scipy.linalg.sqrtm(s1 @ s2)))
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9)
+    assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+
+
+def test_frechet_distance_is_real_for_rank_deficient_covariances():
+    rng = np.random.default_rng(1)
+    (mu1, s1), (mu2, s2) = metrics.feature_stats(rng.normal(size=(5, 64))), metrics.feature_stats(rng.normal(size=(5, 64)))
+    d = metrics.frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(d) and d > 0
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("images,match", [
+    (np.zeros((4, 28, 28)), r"\(n, H, W, C\)"),
+    (np.zeros((4, 28, 28, 2)), r"C in \{1, 3\}"),
+    (np.zeros((0, 28, 28, 1)), "n >= 1"),
+    (np.zeros((4, 28, 28, 1), np.uint8), "divide uint8 images by 255"),
+    (np.full((4, 28, 28, 1), -0.5), r"\(x \+ 1\) / 2"),
+    (np.full((4, 28, 28, 1), 1.5), r"\[0, 1\]"),
+    (np.full((4, 28, 28, 1), np.nan), "NaN"),
+])
+def test_bad_images_are_rejected(images, match):
+    with pytest.raises(fid.InputError, match=match):
+        fid.check_images(images)
+
+
+def test_bad_files_are_rejected(tmp_path):
+    with pytest.raises(fid.InputError, match="does not exist"):
+        fid.load_images(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(fid.InputError, match="not a readable .npz"):
+        fid.load_stats(tmp_path / "junk.npz")
+    np.savez(tmp_path / "two.npz", a=np.zeros(3), b=np.zeros(3))
+    with pytest.raises(fid.InputError, match="expected an `images` array"):
+        fid.load_images(tmp_path / "two.npz")
+    np.savez(tmp_path / "small.npz", mu=np.zeros(8), sigma=np.eye(8))
+    with pytest.raises(fid.InputError, match="8-d, the FID Inception's are 2048-d"):
+        fid.load_stats(tmp_path / "small.npz")
+    np.savez(tmp_path / "nosigma.npz", mu=np.zeros(2048))
+    with pytest.raises(fid.InputError, match="need `mu` and `sigma`"):
+        fid.load_stats(tmp_path / "nosigma.npz")
+    with pytest.raises(fid.InputError, match="neither a known set"):
+        fid.reference_stats("cifar10", None)
+
+
+def test_bad_weights_are_rejected(tmp_path):
+    with pytest.raises(W.WeightsError, match="fetch-weights"):
+        fid.InceptionFeatures.load(tmp_path)
+    with pytest.raises(W.WeightsError, match="do not exist"):
+        W.verify(tmp_path / "default_1.pt")
+    (tmp_path / "default_1.pt").write_bytes(b"x" * 100)
+    with pytest.raises(W.WeightsError, match="sha256 .* expected 7ff4a85c"):
+        W.verify(tmp_path / "default_1.pt")
+    with pytest.raises(W.WeightsError, match="sha256"):
+        W.fetch_weights(from_path=tmp_path / "default_1.pt", cache=tmp_path / "cache")
+    with pytest.raises(W.WeightsError, match="not a TorchScript archive"):
+        W.read_torchscript(tmp_path / "default_1.pt")
+    with zipfile.ZipFile(tmp_path / "other.pt", "w") as z:
+        z.writestr("archive/version", "3")
+    with pytest.raises(W.WeightsError, match="no single data.pkl"):
+        W.read_torchscript(tmp_path / "other.pt")
+    (tmp_path / W.PARAMS_FILE).write_bytes(b"\x00" * 64)
+    with pytest.raises(W.WeightsError, match="--force"):
+        fid.InceptionFeatures.load(tmp_path)
+
+
+# ---------------------------------------------------------------- the search metric and the CLI
+
+
+def test_inception_fid_metric_ranks_real_digits_above_noise(fid_cache, tmp_path):
+    from tmpq_jax import data
+    from tmpq_jax.search.fitness import make_metric
+
+    held, train = data.mnist("heldout").images, data.mnist("train").images
+    np.savez(tmp_path / "ref.npz", images=data.to_unit_range(held[:16]))
+    import ml_collections
+
+    metric = make_metric("inception_fid", ml_collections.ConfigDict(
+        {"fid_reference": str(tmp_path / "ref.npz"), "fid_cache": str(fid_cache), "fid_batch": 8}))
+    real = metric(train[:16])
+    noise = metric(np.random.default_rng(0).uniform(-1, 1, train[:16].shape).astype(np.float32))
+    print(f"Inception FID vs 16 held-out digits: 16 train digits {real:.1f}, 16 noise images {noise:.1f}")
+    assert 0 < real < noise
+    assert np.isnan(metric(np.full_like(train[:16], np.nan)))
+
+
+def _cli(*args, cache):
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "fid.py"), *args, "--batch_size", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                                      "TMPQ_CACHE": str(cache)})
+
+
+def test_cli_features_stats_fid(inception, fid_cache, tmp_path):
+    a, b = _random_images(5, 5, 28, 1), _random_images(6, 6, 32, 3)
+    np.savez(tmp_path / "a.npz", images=a)
+    np.savez(tmp_path / "b.npz", images=b)
+    out = _cli("stats", "--images", str(tmp_path / "a.npz"), "--out", str(tmp_path / "sa.npz"), cache=fid_cache)
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = _cli("fid", str(tmp_path / "sa.npz"), str(tmp_path / "b.npz"), "--json", str(tmp_path / "f.json"),
+               cache=fid_cache)
+    assert out.returncode == 0, out.stderr[-2000:]
+    value = json.loads((tmp_path / "f.json").read_text())["fid"]
+    assert value == pytest.approx(fid.fid_from_stats(inception.stats(a, progress=False),
+                                                     inception.stats(b, progress=False)), rel=1e-6)
+    assert f"FID {value:.4f}" in out.stdout
+    s = np.load(tmp_path / "sa.npz")
+    assert s["mu"].shape == (2048,) and s["sigma"].shape == (2048, 2048)
+    out = _cli("features", "--images", str(tmp_path / "a.npz"), "--out", str(tmp_path / "fa.npz"), cache=fid_cache)
+    assert out.returncode == 0, out.stderr[-2000:]
+    f = np.load(tmp_path / "fa.npz")["features"]
+    assert f.shape == (5, 2048) and f.dtype == np.float32
+    np.testing.assert_allclose(f, inception.features(a, progress=False), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_errors(fid_cache, tmp_path):
+    np.savez(tmp_path / "bad.npz", images=np.full((2, 8, 8, 1), 2.0, np.float32))
+    out = _cli("stats", "--images", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "s.npz"), cache=fid_cache)
+    assert out.returncode != 0 and "must lie in [0, 1]" in out.stderr
+    out = _cli("fid", str(tmp_path / "bad.npz"), cache=fid_cache)
+    assert out.returncode != 0 and "fid takes two .npz files" in out.stderr
+    out = _cli("stats", "--images", str(tmp_path / "bad.npz"), cache=tmp_path / "empty")
+    assert out.returncode != 0 and "--out is required" in out.stderr
