@@ -1,4 +1,4 @@
-"""Throughput of population evaluation: img/s of one UNet forward per candidate.
+"""Throughput of population evaluation: img/s of one UNet forward per candidate, and of whole DDIM runs.
 
 python experiments/bench_population.py --model mnist-small --out benchmarks/population_cpu.json
 
@@ -8,8 +8,6 @@ gives its ratio to the plain fp32 forward at the same total batch. Rows are writ
 """
 
 import json
-import platform
-import time
 from pathlib import Path
 
 import jax
@@ -17,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from tmpq_jax import models, quant
+from tmpq_jax import diffusion, models, quant
+from tmpq_jax.benchmark import environment, timed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "mnist-small", "Model config name.")
@@ -25,19 +24,10 @@ flags.DEFINE_string("out", "benchmarks/population.json", "Output JSON.")
 flags.DEFINE_integer("pop", 8, "Candidates P.")
 flags.DEFINE_integer("batch", 32, "Images per candidate B.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per case (median reported).")
-flags.DEFINE_list("cases", "fp32,bf16,fakequant_single,loop,vmap,map,auto", "Cases to run, in order.")
-
-
-def timed(fn, *args, repeats):
-    t0 = time.time()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.time() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.time()
-        jax.block_until_ready(fn(*args))
-        times.append(time.time() - t0)
-    return float(np.median(times)), compile_s
+flags.DEFINE_list("cases", "fp32,bf16,fakequant_single,loop,vmap,map,auto,sample_fp32,sample_auto",
+                  "Cases to run, in order. sample_* time a whole --steps DDIM run (weights quantized once per run, as "
+                  "in the search) and compare with sample_fp32.")
+flags.DEFINE_integer("steps", 10, "DDIM steps of the sample_* cases.")
 
 
 def main(argv):
@@ -89,13 +79,27 @@ def main(argv):
             return (lambda pop, shared: fn(pop, shared)), ((w_pop, a_pop, xs, ts, ys), (params, tables))
 
         runners[strategy] = make
+
+    # whole sampling runs: what one search evaluation costs per image
+    abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
+    steps = jnp.asarray(diffusion.quad_timesteps(FLAGS.steps), jnp.int32)
+    runners["sample_fp32"] = lambda: (jax.jit(lambda prm, noise, yy: diffusion.ddim_sample(
+        lambda xx, tt, yyy: plain(prm, xx, tt, yyy), abar, steps, noise, yy)), (params, x, y))
+    for strategy in quant.STRATEGIES:
+        if strategy == "sharded" and jax.device_count() == 1:
+            continue
+
+        def make_sampler(strategy=strategy):
+            sampler = quant.make_population_sampler(apply_fn, sites, strategy)
+            pop = (w_pop, a_pop, jnp.tile(steps, (p, 1)))
+            return (lambda pop, shared: sampler(pop, shared)), (pop, (abar, params, tables, xs[0], ys[0]))
+
+        runners[f"sample_{strategy}"] = make_sampler
     rows, fp32 = [], None
     out = Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-            "device_count": jax.device_count(), "jax": jax.__version__, "flax": __import__("flax").__version__,
-            "model": spec.name, "params": models.count_params(params), "sites": len(sites),
-            "macs_per_image": int(sites.macs.sum()), "P": p, "B": b, "host": platform.node(),
+    meta = {**environment(), "model": spec.name, "params": models.count_params(params), "sites": len(sites),
+            "macs_per_image": int(sites.macs.sum()), "P": p, "B": b,
             "auto_strategy": quant.auto_strategy()}
     print(f"{'case':18s} {'img/s':>10s} {'vs fp32':>8s} {'compile s':>9s}")
     for case in FLAGS.cases:
@@ -104,9 +108,13 @@ def main(argv):
         fn, args = runners[case]()
         sec, compile_s = timed(fn, *args, repeats=FLAGS.repeats)
         ips = n / sec
-        fp32 = ips if case == "fp32" else fp32
+        if case in ("fp32", "sample_fp32"):
+            fp32 = fp32 or {}
+            fp32[case] = ips
+        base = (fp32 or {}).get("sample_fp32" if case.startswith("sample_") else "fp32")
         row = {"case": case, "img_per_s": ips, "seconds": sec, "compile_seconds": compile_s,
-               "ratio_to_fp32": ips / fp32 if fp32 else None, "total_batch": n}
+               "ratio_to_fp32": ips / base if base else None, "total_batch": n,
+               "steps": FLAGS.steps if case.startswith("sample_") else 1}
         rows.append(row)
         print(f"{case:18s} {ips:10.1f} {row['ratio_to_fp32'] or float('nan'):8.2f} {compile_s:9.1f}", flush=True)
         out.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")

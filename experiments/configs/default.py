@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.report_metrics = ["inception_fid"]  # also scored on the final image sets (best, baselines, FP reference)
     c.fid_reference = "mnist-heldout"  # 'mnist-heldout' | 'mnist-train' | 'mnist-all' | an .npz of images or stats
     c.fid_cache = ""  # Inception weights and reference stats; '' = $TMPQ_CACHE or ~/.cache/tmpq_jax
-    c.fid_batch = 50
-    c.search_samples = 48
+    c.fid_batch = 64  # 128 final samples = two Inception batches
+    c.search_samples = 40
     c.final_samples = 128
     c.rescore_top_k = 3
     c.noise_seed = 0

@@ -8,6 +8,7 @@ load model -> calibrate shared tables -> FP reference -> evolutionary search (ch
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -78,6 +79,8 @@ class Context:
     repair: Any
     budget: float
     timing: dict
+    scores: dict = dataclasses.field(default_factory=dict)  # (candidate, n) -> metric, see `evaluate`
+    images: dict = dataclasses.field(default_factory=dict)  # (candidate, n) -> images, final scoring only
 
 
 def _stack_genomes(gs: list[Genome]) -> Genome:
@@ -121,8 +124,6 @@ def _calibrate(c, workdir: Path, apply_fn, params, sites, spec) -> quant.QuantTa
 
 
 def _sha(path) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -153,6 +154,11 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool, warm: list
         saved = checkpoint.load_tree(path, {"state": state, "log": log, "generation": 0})
         state, start = jax.tree.map(jnp.asarray, saved["state"]), int(saved["generation"])
         log = jax.tree.map(np.array, saved["log"])  # writable copies
+        for gen in range(start):  # finished generations feed the memo exactly as in an uninterrupted run
+            ts, wb, ab = decode(jax.tree.map(lambda x: x[gen], log["genomes"]))
+            for i, f in enumerate(log["fitness"][gen]):
+                if np.isfinite(f):
+                    ctx.scores.setdefault(_candidate_key(ts[i], wb[i], ab[i], c.search_samples), f)
         print(f"[{name}] resumed after generation {start}/{g} from {path}", flush=True)
     history = []
     bar = tqdm(range(start, g), desc=f"search {name}", unit="gen", initial=start, total=g)
@@ -167,9 +173,7 @@ def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool, warm: list
         else:
             bitops = bitops_of(pop)
             feasible = bitops <= ctx.budget
-        ts, wb, ab = decode(pop)
-        fit = ctx.evaluator.score(ctx.evaluator.sample(ts, wb, ab, c.search_samples))
-        fit = np.where(np.asarray(feasible), nan_to_inf(fit), np.inf)
+        fit = nan_to_inf(evaluate(ctx, *decode(pop), c.search_samples, feasible=np.asarray(feasible)))
         state = tell(k, pop, jnp.asarray(fit, jnp.float32), state)
         for dst, src in zip(jax.tree.leaves(log["genomes"]), jax.tree.leaves(pop)):
             dst[gen] = np.asarray(src)
@@ -232,11 +236,44 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
+def _candidate_key(ts, wb, ab, n: int) -> tuple:
+    return tuple(np.asarray(a, np.int32).tobytes() for a in (ts, wb, ab)) + (n,)
+
+
+def evaluate(ctx: Context, ts, wb, ab, n: int, feasible=None, keep_images: bool = False):
+    """Metric on `n` samples of each decoded candidate (timesteps[P, N], w_bits[P, L], a_bits[P, L]).
+
+    Infeasible candidates score +inf without sampling. A candidate evaluated before (same timesteps, bits and n) is
+    not sampled again: with the fixed noise its score is the same, so the memo changes no result, only the time.
+    With `keep_images`, also returns each candidate's images.
+    """
+    ts, wb, ab = (np.asarray(a) for a in (ts, wb, ab))
+    keys = [_candidate_key(ts[i], wb[i], ab[i], n) for i in range(len(ts))]
+    ok = np.ones(len(keys), bool) if feasible is None else np.asarray(feasible, bool)
+    missing = ctx.images if keep_images else ctx.scores
+    todo, seen = [], set()
+    for i, k in enumerate(keys):
+        if ok[i] and k not in missing and k not in seen:
+            seen.add(k)
+            todo.append(i)
+    if todo:
+        strategy = ctx.evaluator.strategy
+        if (quant.auto_strategy() if strategy == "auto" else strategy) != "loop":
+            todo += todo[-1:] * (len(keys) - len(todo))  # batched strategies compile per population size: keep it
+        images = ctx.evaluator.sample(ts[todo], wb[todo], ab[todo], n)
+        for i, image_set, value in zip(todo, images, ctx.evaluator.score(images)):
+            ctx.scores.setdefault(keys[i], value)
+            if keep_images:
+                ctx.images.setdefault(keys[i], image_set)
+    scores = np.array([ctx.scores[k] if ok[i] else np.inf for i, k in enumerate(keys)], np.float64)
+    return (scores, np.stack([ctx.images[k] for k in keys])) if keep_images else scores
+
+
 def score_genomes(ctx: Context, genomes: list[Genome], space: SearchSpace, n: int):
-    pop = _stack_genomes(genomes)
-    ts, wb, ab = jax.vmap(space.decode)(pop)
-    images = ctx.evaluator.sample(ts, wb, ab, n)
-    return images, ctx.evaluator.score(images)
+    """(images[P, n, ...], metric[P]) of genomes decoded in `space`."""
+    ts, wb, ab = jax.vmap(space.decode)(_stack_genomes(genomes))
+    scores, images = evaluate(ctx, ts, wb, ab, n, keep_images=True)
+    return images, scores
 
 
 # --- the job ------------------------------------------------------------------------------------------------------
@@ -329,7 +366,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
         if name.startswith("uniform_"):
             bits = int(name.split("_w")[1].split("a")[0])
             g = space.uniform_bits(bits)
-            fit = evaluator.score(score_genomes(ctx, [g], space, c.search_samples)[0])[0]
+            fit = evaluate(ctx, *jax.vmap(space.decode)(_stack_genomes([g])), c.search_samples)[0]
             images, final = score_genomes(ctx, [g], space, c.final_samples)
             baselines[name] = describe(ctx, g, space, fit, final[0])
             baseline_images[name] = images[0]
@@ -344,10 +381,16 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
     t0 = time.time()
     final_sets = {"reference": (reference, ref_images), "best": (best, best_images),
                   **{k: (baselines[k], baseline_images[k]) for k in baselines}}
+    digests = {name: hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+               for name, (_, images) in final_sets.items()}  # e.g. best == precision_only after a warm start
     for m in reports:
-        print(f"report {m.name}: {len(final_sets)} image sets x {c.final_samples} samples", flush=True)
+        print(f"report {m.name}: {len(set(digests.values()))} distinct image sets x {c.final_samples} samples",
+              flush=True)
+        done = {}
         for name, (entry, images) in tqdm(final_sets.items(), desc=m.name, unit="set"):
-            entry.setdefault("report_metrics", {})[m.name] = _num(m(images))
+            if digests[name] not in done:
+                done[digests[name]] = _num(m(images))
+            entry.setdefault("report_metrics", {})[m.name] = done[digests[name]]
     timing["report_seconds"] = time.time() - t0
     timing["total_seconds"] = time.time() - t_all
 

@@ -1,0 +1,49 @@
+"""Throughput of FID feature extraction (preprocess + Flax FID Inception-v3), img/s per input size and batch.
+
+python experiments/bench_fid.py --out benchmarks/fid_features_cpu.json [--batches 16,50] [--sizes 28x1,32x3]
+
+Each row times one jitted call on a full batch (median of --repeats after a compiling call) with random images.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from tmpq_jax.benchmark import environment, timed
+from tmpq_jax.metrics import fid
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "benchmarks/fid_features.json", "Output JSON.")
+flags.DEFINE_list("batches", ["16", "50"], "Batch sizes.")
+flags.DEFINE_list("sizes", ["28x1", "32x3"], "Input sizes as SIZExCHANNELS (square images).")
+flags.DEFINE_list("precisions", ["highest"], "Conv precisions ('default' may use TF32/bf16 on accelerators).")
+flags.DEFINE_integer("repeats", 3, "Timed calls per case (median reported).")
+flags.DEFINE_string("cache_dir", None, "Weights cache (default $TMPQ_CACHE or ~/.cache/tmpq_jax).")
+
+
+def main(argv):
+    del argv
+    extractor = fid.InceptionFeatures.load(FLAGS.cache_dir)
+    out = Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f"{'input':>8s} {'batch':>6s} {'precision':>9s} {'img/s':>8s} {'compile s':>9s}")
+    for size in FLAGS.sizes:
+        s, c = (int(v) for v in size.split("x"))
+        for batch in map(int, FLAGS.batches):
+            images = np.random.default_rng(0).uniform(0, 1, (batch, s, s, c)).astype(np.float32)
+            for precision in FLAGS.precisions:
+                def call(x, precision=precision):
+                    return fid._features(extractor.params, x, extractor.quantize, precision)
+
+                sec, compile_s = timed(call, images, repeats=FLAGS.repeats)
+                rows.append({"input": [s, s, c], "batch": batch, "precision": precision, "img_per_s": batch / sec,
+                             "seconds": sec, "compile_seconds": compile_s})
+                print(f"{size:>8s} {batch:6d} {precision:>9s} {batch / sec:8.1f} {compile_s:9.1f}", flush=True)
+                out.write_text(json.dumps({**environment(), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
