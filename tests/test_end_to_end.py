@@ -122,3 +122,17 @@ def test_committed_classifier_accuracy():
     held = data.mnist("heldout")
     probs, _ = metrics.ClassifierFeatures.load().batched(held.images)
     assert (probs.argmax(-1) == held.labels).mean() >= 0.97
+
+
+@pytest.mark.slow
+def test_search_with_inception_fid_as_fitness(tmp_path, fid_cache):
+    np.savez(tmp_path / "fid_reference.npz", images=data.to_unit_range(data.mnist("heldout").images[:24]))
+    work = tmp_path / "run"
+    out = _search(work, f"--config.fid_cache={fid_cache}", "--config.metric=inception_fid",
+                  "--config.report_metrics=['classifier_fd']", "--config.fid_batch=8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((work / "results.json").read_text())
+    assert r["metric_name"] == "inception_fid" and r["report_metric_names"] == ["classifier_fd"]
+    fits = [h["best"] for h in r["history"]]
+    assert all(np.isfinite(fits)) and fits == sorted(fits, reverse=True)
+    assert r["best"]["metric"] > 0 and r["best"]["report_metrics"]["classifier_fd"] > 0
