@@ -129,7 +129,7 @@ def test_search_with_inception_fid_as_fitness(tmp_path, fid_cache):
     np.savez(tmp_path / "fid_reference.npz", images=data.to_unit_range(data.mnist("heldout").images[:24]))
     work = tmp_path / "run"
     out = _search(work, f"--config.fid_cache={fid_cache}", "--config.metric=inception_fid",
-                  "--config.report_metrics=['classifier_fd']", "--config.fid_batch=8")
+                  "--config.report_metrics=('classifier_fd',)", "--config.fid_batch=8")
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((work / "results.json").read_text())
     assert r["metric_name"] == "inception_fid" and r["report_metric_names"] == ["classifier_fd"]

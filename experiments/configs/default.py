@@ -17,8 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     # search space
     c.num_steps = 10
     c.spacing = "quad"  # 'quad' | 'uniform' | 'custom' (then group_starts)
-    c.group_starts = []
-    c.bit_choices = [8, 7, 6, 5]
+    c.group_starts = ()  # tuples, so that --config.bit_choices="(8, 6, 4)" works on the command line
+    c.bit_choices = (8, 7, 6, 5)
     c.seed_bits = 6
     c.probs_8bit = True  # attention probabilities at 8 bits, as in the reference code
     c.rules = []  # e.g. [dict(pattern="conv_in$", w_bits=8, a_bits=8)]
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warm_start = True  # seed the joint search with the bests of the timestep-only and precision-only searches
     # fitness
     c.metric = "classifier_fd"  # cheap search-time fitness; 'inception_fid' for standard FID
-    c.report_metrics = ["inception_fid"]  # also scored on the final image sets (best, baselines, FP reference)
+    c.report_metrics = ("inception_fid",)  # also scored on the final image sets (best, baselines, FP reference)
     c.fid_reference = "mnist-heldout"  # 'mnist-heldout' | 'mnist-train' | 'mnist-all' | an .npz of images or stats
     c.fid_cache = ""  # Inception weights and reference stats; '' = $TMPQ_CACHE or ~/.cache/tmpq_jax
     c.fid_batch = 64  # 128 final samples = two Inception batches
@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rescore_top_k = 3
     c.noise_seed = 0
     c.reference_steps = 100
-    c.baselines = ["uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only"]
+    c.baselines = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only")
     # calibration
     c.calib_steps = 20
     c.calib_samples = 32
