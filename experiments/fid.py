@@ -3,7 +3,8 @@
 python experiments/fid.py fetch-weights [--from PATH/TO/default_1.pt] [--cache_dir DIR]
 python experiments/fid.py features --images X.npz --out F.npz     # features (n, 2048) float32
 python experiments/fid.py stats --images X.npz --out S.npz        # mu, sigma (pytorch-fid keys)
-python experiments/fid.py fid A.npz B.npz [--json OUT.json]       # each: images (n, H, W, C) in [0, 1] or stats
+python experiments/fid.py fid A.npz B.npz [--json OUT.json]       # each: images (n, H, W, C) in [0, 1] or stats,
+                                                                  # or a named real set such as mnist-heldout
 
 The cache directory (converted weights, reference statistics) is --cache_dir, else $TMPQ_CACHE, else
 ~/.cache/tmpq_jax.
@@ -68,9 +69,11 @@ def main(argv):
             print(f"wrote mu {mu.shape} and sigma {sigma.shape} of {len(images)} images to {out}")
         else:
             if len(args) != 2:
-                raise app.UsageError(f"fid takes two .npz files (images or stats), got {args}")
+                raise app.UsageError(f"fid takes two .npz files (images or stats) or named sets "
+                                     f"{fid.REFERENCE_SETS}, got {args}")
             extractor = functools.lru_cache(None)(_extractor)  # loaded only if an input holds images
-            stats = [fid.stats_of(path, extractor) for path in args]
+            stats = [fid.reference_stats(path, extractor(), FLAGS.cache_dir) if path in fid.REFERENCE_SETS
+                     else fid.stats_of(path, extractor) for path in args]
             value = fid.fid_from_stats(*stats)
             print(f"FID {value:.4f}")
             if FLAGS.json:

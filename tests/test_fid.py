@@ -145,6 +145,19 @@ def test_bad_images_are_rejected(images, match):
         fid.check_images(images)
 
 
+def test_named_reference_stats_are_computed_once_and_cached(inception, monkeypatch, tmp_path):
+    from tmpq_jax import data
+
+    digits = data.mnist("heldout").images[:6]
+    calls = []
+    monkeypatch.setattr(data, "mnist", lambda split: calls.append(split) or data.Dataset(digits, np.zeros(6)))
+    first = fid.reference_stats("mnist-heldout", inception, tmp_path, progress=False)
+    again = fid.reference_stats("mnist-heldout", inception, tmp_path, progress=False)
+    assert calls == ["heldout"] and len(list((tmp_path / "reference").glob("mnist-heldout_*.npz"))) == 1
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_allclose(first[0], inception.stats(data.to_unit_range(digits), progress=False)[0], rtol=1e-6)
+
+
 def test_bad_files_are_rejected(tmp_path):
     with pytest.raises(fid.InputError, match="does not exist"):
         fid.load_images(tmp_path / "missing.npz")

@@ -242,3 +242,19 @@ def test_search_samples_each_distinct_candidate_once(tmp_path):
     for k in set(keys):
         vals = {fit[i] for i, kk in enumerate(keys) if kk == k}
         assert len(vals) == 1
+
+
+@pytest.mark.parametrize("strategy,sizes", [("loop", [2, 1]), ("map", [4, 4])])
+def test_memo_keeps_batched_population_sizes(tmp_path, strategy, sizes):
+    ctx, space = _ctx(tmp_path, StubEvaluator(strategy=strategy))
+    ts = np.array([[4, 3, 2, 1], [4, 3, 2, 0], [4, 3, 2, 1], [5, 3, 2, 1]])
+    bits = np.full((4, 6), 6)
+    calls = []
+    sample = ctx.evaluator.sample
+    ctx.evaluator.sample = lambda t, w, a, n: calls.append(len(t)) or sample(t, w, a, n)
+    first = run_mod.evaluate(ctx, ts[:3], bits[:3], bits[:3], 8)  # rows 0 and 2 are the same candidate
+    second = run_mod.evaluate(ctx, ts, bits, bits, 8, feasible=np.array([True, True, False, True]))
+    assert calls == [sizes[0] if strategy == "loop" else 3, sizes[1]]
+    assert first[0] == first[2]
+    np.testing.assert_array_equal(second[:2], first[:2])  # from the memo (NaN stays NaN)
+    assert np.isinf(second[2])
