@@ -193,6 +193,10 @@ def test_bad_weights_are_rejected(tmp_path):
         z.writestr("archive/version", "3")
     with pytest.raises(W.WeightsError, match="no single data.pkl"):
         W.read_torchscript(tmp_path / "other.pt")
+    from tmpq_jax.search.fitness import make_metric
+
+    with pytest.raises(W.WeightsError, match=r"fetch-weights.*report_metrics='\(\)'"):
+        make_metric("inception_fid", {"fid_cache": str(tmp_path)})
     (tmp_path / W.PARAMS_FILE).write_bytes(b"\x00" * 64)
     with pytest.raises(W.WeightsError, match="--force"):
         fid.InceptionFeatures.load(tmp_path)

@@ -49,8 +49,13 @@ class ClassifierFrechet:
 
 def _inception_fid(config=None) -> Metric:
     from tmpq_jax.metrics.fid import InceptionFID
+    from tmpq_jax.metrics.inception_weights import WeightsError
 
-    return InceptionFID.from_config(config)
+    try:
+        return InceptionFID.from_config(config)
+    except WeightsError as e:
+        raise WeightsError(f"{e}. To search without Inception FID, pass --config.report_metrics='()' (and a "
+                           "--config.metric other than inception_fid)") from e
 
 
 # name -> factory(config): config fields a metric reads (e.g. fid_reference) come from the search config

@@ -314,13 +314,16 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
           f"{int(sites.macs.sum()):,} MACs/step; budget {budget:.4g} BitOPs", flush=True)
     timing["load_seconds"] = time.time() - t0
 
+    # metrics first, so that missing weights or reference data fail before any long work
+    t0 = time.time()
+    metric = make_metric(c.metric, c)
+    reports = [make_metric(name, c) for name in c.get("report_metrics", []) if name != c.metric]  # final sets only
+    timing["metric_setup_seconds"] = time.time() - t0
+
     # shared calibration
     t0 = time.time()
     tables = _calibrate(c, workdir, apply_fn, params, sites, spec)
     timing["calibration_seconds"] = time.time() - t0
-    metric = make_metric(c.metric, c)
-    # metrics reported on the final image sets only (built now, so missing weights fail before the search)
-    reports = [make_metric(name, c) for name in c.get("report_metrics", []) if name != c.metric]
     evaluator = Evaluator(apply_fn, sites, params, tables, spec.sample_shape, spec.num_classes, metric,
                           c.noise_seed, c.strategy, c.chunk_size, c.sample_batch)
     ctx = Context(c, workdir, sites, space, evaluator, repair, budget, timing)
