@@ -99,10 +99,11 @@ class InceptionFeatures:
                 yield out[:m]
 
     def features(self, images, progress: bool = True) -> np.ndarray:
-        x = check_images(images)
-        return np.concatenate(list(self.batches(x, progress))) if len(x) else np.zeros((0, FEATURE_DIM), np.float32)
+        """(n, 2048) float32 features of (n, H, W, C) images in [0, 1]."""
+        return np.concatenate(list(self.batches(check_images(images), progress)))
 
     def stats(self, images, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Streamed float64 (mu, sigma) of the features of (n, H, W, C) images in [0, 1]."""
         x = check_images(images)
         if len(x) < 2:
             raise InputError(f"FID statistics need at least 2 images, got {len(x)}")
