@@ -95,7 +95,7 @@ def main(argv):
             return (lambda pop, shared: sampler(pop, shared)), (pop, (abar, params, tables, xs[0], ys[0]))
 
         runners[f"sample_{strategy}"] = make_sampler
-    rows, fp32 = [], None
+    rows, plain_ips = [], {}  # the fp32 img/s each row is compared with: per forward and per sampling run
     out = Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {**environment(), "model": spec.name, "params": models.count_params(params), "sites": len(sites),
@@ -109,9 +109,8 @@ def main(argv):
         sec, compile_s = timed(fn, *args, repeats=FLAGS.repeats)
         ips = n / sec
         if case in ("fp32", "sample_fp32"):
-            fp32 = fp32 or {}
-            fp32[case] = ips
-        base = (fp32 or {}).get("sample_fp32" if case.startswith("sample_") else "fp32")
+            plain_ips[case] = ips
+        base = plain_ips.get("sample_fp32" if case.startswith("sample_") else "fp32")
         row = {"case": case, "img_per_s": ips, "seconds": sec, "compile_seconds": compile_s,
                "ratio_to_fp32": ips / base if base else None, "total_batch": n,
                "steps": FLAGS.steps if case.startswith("sample_") else 1}

@@ -1,6 +1,7 @@
 """Standard FID: Flax Inception parity with the TorchScript original, statistics, Frechet distance, errors, CLI."""
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -79,10 +80,10 @@ def test_converted_weights_match_the_flax_module():
     if tree is None:
         pytest.skip("needs the fid_cache fixture")
     params, arch = W.convert(tree)
-    inc.check_architecture(arch)
+    W.check_architecture(arch)
     bad = dict(arch, **{"mixed_4/tower/conv_1": (1, (3, 0))})
     with pytest.raises(W.WeightsError, match="mixed_4/tower/conv_1"):
-        inc.check_architecture(bad)
+        W.check_architecture(bad)
     del tree["net"]["layers"]["mixed_10"]["conv"]
     with pytest.raises(W.WeightsError, match="372 tensors"):
         W.convert(tree)
@@ -224,7 +225,7 @@ def test_inception_fid_metric_ranks_real_digits_above_noise(fid_cache, tmp_path)
 
 def _cli(*args, cache):
     return subprocess.run([sys.executable, str(ROOT / "experiments" / "fid.py"), *args, "--batch_size", "4"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ,
                                                                                       "TMPQ_CACHE": str(cache)})
 
 

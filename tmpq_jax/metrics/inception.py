@@ -238,14 +238,3 @@ def architecture(precision: str = "highest") -> dict[str, tuple[int, tuple[int, 
     with nn.intercept_methods(record):
         param_shapes(precision)
     return found
-
-
-def check_architecture(arch: dict) -> None:
-    """Raise if the converted archive's strides / paddings differ from this module's (a different network)."""
-    from tmpq_jax.metrics.inception_weights import WeightsError
-
-    ours = architecture()
-    diff = sorted(k for k in set(ours) | set(arch) if ours.get(k) != arch.get(k))
-    if diff:
-        shown = "; ".join(f"{k}: archive {arch.get(k)}, Flax {ours.get(k)}" for k in diff[:6])
-        raise WeightsError(f"the archive's conv layers differ from the Flax Inception ({len(diff)}): {shown}")

