@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from tmpq_jax import checkpoint, models, quant
 from tmpq_jax.quant.sites import kernel_key
@@ -142,6 +142,129 @@ def test_candidate_bit_errors(tiny):
         quant.check_candidate_bits(tiny.sites, tiny.tables, [8] * n, [20] * n)
     with pytest.raises(KeyError, match="unknown site names.*unet/nope"):
         tiny.sites.vector_from_map({"unet/nope": 8}, "w_bits", default=8)
+
+
+def _weight_site(tiny, k=1):
+    """Index and path of the k-th site with a kernel (k=1: not conv_in, so an earlier site exists)."""
+    i = [i for i, s in enumerate(tiny.sites.sites) if s.has_weights][k]
+    return i, tiny.sites.sites[i].path
+
+
+def test_uncalibrated_bits_raise_at_public_entry_points(tiny):
+    n = len(tiny.sites)
+    i, path = _weight_site(tiny)
+    w, a = uniform(tiny, 8, 8)
+    with pytest.raises(ValueError, match=rf"w_bits uses bit-widths \[5\] that the tables were not calibrated for, "
+                                         rf"at 1 of {n} sites \(first: '{path}'\); calibrated: \[2, 4, 6, 8, 16\]"):
+        quant.gather_candidate(tiny.tables, tiny.sites, w.at[i].set(5), a)
+    with pytest.raises(ValueError, match=rf"a_bits uses bit-widths \[3, 7\].*at 2 of {n} sites"):
+        quant.gather_candidate(tiny.tables, tiny.sites, w, a.at[0].set(3).at[i].set(7))
+    with pytest.raises(ValueError, match=r"w_bits uses bit-widths \[5\]"):
+        quant.sample_candidate(tiny.apply, tiny.sites, tiny.abar, tiny.params, tiny.tables, w.at[i].set(5), a,
+                               POP_TIMESTEPS[0], tiny.noise, tiny.labels)
+    # a concrete population (P, L) is checked before anything is compiled or run
+    pw, pa = jnp.stack([w, w.at[i].set(5)]), jnp.stack([a, a])
+    sampler = quant.make_population_sampler(tiny.apply, tiny.sites, "loop")
+    shared = (tiny.abar, tiny.params, tiny.tables, tiny.noise, tiny.labels)
+    with pytest.raises(ValueError, match=rf"\[5\].*at 1 of {n} sites.*in 1 of 2 candidates \(first: #1\); "
+                                         r"calibrated: \[2, 4, 6, 8, 16\]"):
+        sampler((pw, pa, POP_TIMESTEPS[:2]), shared)
+    with pytest.raises(ValueError, match=rf"population of shape \(P, {n}\)"):
+        sampler((pw[:, :-1], pa[:, :-1], POP_TIMESTEPS[:2]), shared)
+
+
+def test_bit_row_flags_uncalibrated_bits_when_traced(tiny):
+    rows = jax.jit(tiny.tables.bit_row)(jnp.asarray([2, 4, 5, 8, 16, 3, 17]))
+    np.testing.assert_array_equal(rows, [0, 1, 5, 3, 4, 5, 0])  # 5: one past the 5 rows; 17 passes through
+
+
+def test_traced_uncalibrated_bits_give_nan_not_row_0(tiny):
+    i, path = _weight_site(tiny)
+    w, a = uniform(tiny, 8, 8)
+    x, t = tiny.noise, jnp.full((4,), 321)
+
+    @jax.jit
+    def forward(w_bits, a_bits):
+        cand = quant.gather_candidate(tiny.tables, tiny.sites, w_bits, a_bits)
+        return cand, quant.quantized_apply(tiny.apply, tiny.sites, cand)(
+            quant.quantize_params(tiny.params, tiny.sites, cand), x, t, tiny.labels)
+
+    pop_w = jnp.stack([w, w.at[i].set(5), w])
+    pop_a = jnp.stack([a, a, a.at[i].set(3)])
+    cands, outs = jax.vmap(forward)(pop_w, pop_a)  # bits traced (and batched): no concrete check can run
+    assert np.isfinite(outs[0]).all()
+    assert np.isnan(outs[1]).all() and np.isnan(outs[2]).all()
+    assert np.isnan(cands.w_clip[path][1]).all() and np.isfinite(cands.w_clip[path][jnp.asarray([0, 2])]).all()
+    assert np.isnan(cands.a_range[2, i]).all()
+    assert np.isfinite(np.delete(cands.a_range[2], i, axis=0)).all()  # only the uncalibrated site is poisoned
+
+
+def test_16_bits_pass_through_without_a_16_row(tiny):
+    tb = tiny.tables
+    no16 = tb.replace(table_bits=tb.table_bits[:4], w_clip={k: v[:4] for k, v in tb.w_clip.items()},
+                      a_range=tb.a_range[:, :4], w_range=tb.w_range[:, :4])
+    w, a = uniform(tiny, 16, 16)
+    quant.check_candidate_bits(tiny.sites, no16, w, a)
+    # concrete: the model output is exactly full precision
+    x, t = tiny.noise, jnp.full((4,), 321)
+    cand = quant.gather_candidate(no16, tiny.sites, w, a)
+    out = quant.quantized_apply(tiny.apply, tiny.sites, cand)(quant.quantize_params(tiny.params, tiny.sites, cand),
+                                                              x, t, tiny.labels)
+    np.testing.assert_array_equal(out, tiny.apply(tiny.params, x, t, tiny.labels))
+
+    # traced: every kernel and every site operand passes through exactly
+    @jax.jit
+    def traced(w_bits, a_bits, tables):
+        cand = quant.gather_candidate(tables, tiny.sites, w_bits, a_bits)
+        ops = jax.vmap(lambda r, b: quant.qdq_asymmetric(x, r[0], r[1], b))
+        return (quant.quantize_params(tiny.params, tiny.sites, cand), ops(cand.a_range, cand.a_bits),
+                ops(cand.w_range, cand.w_bits))
+
+    qparams, a_ops, w_ops = traced(w, a, no16)
+    for p, q in zip(jax.tree.leaves(tiny.params), jax.tree.leaves(qparams)):
+        np.testing.assert_array_equal(q, p)
+    for ops in (a_ops, w_ops):
+        np.testing.assert_array_equal(ops, jnp.broadcast_to(x, ops.shape))
+
+
+def test_load_tables_rejects_non_finite(tmp_path, tiny):
+    i, path = _weight_site(tiny)
+    tb = tiny.tables
+    bad = tb.replace(w_clip={**tb.w_clip, path: tb.w_clip[path].at[1, 0].set(jnp.nan)})
+    quant.save_tables(tmp_path / "w.msgpack", bad, tiny.sites)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"non-finite value: w_clip of site '{path}' \({i + 1} of {len(tiny.sites)}\) at 4 bits "
+                             r"holds nan.*recalibrate"):
+        quant.load_tables(tmp_path / "w.msgpack", tiny.sites)
+    j = len(tiny.sites) - 1
+    bad = tb.replace(a_range=tb.a_range.at[j, 2, 1].set(jnp.inf))
+    quant.save_tables(tmp_path / "a.msgpack", bad, tiny.sites)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"a_range of site '{tiny.sites.sites[j].path}' .* at 6 bits holds inf"):
+        quant.load_tables(tmp_path / "a.msgpack", tiny.sites)
+
+
+def test_calibrate_rejects_nan_params(tiny):
+    i, path = _weight_site(tiny)
+    flat = flatten_dict(tiny.params)
+    key = kernel_key(path)
+    batch = [next(quant.trajectory_batches(tiny.calib_inputs, 8))]
+    nan_kernel = unflatten_dict({**flat, key: flat[key].at[..., 0].set(jnp.nan)})
+    with pytest.raises(ValueError, match=rf"w_clip of site '{path}' \({i + 1} of .* at 2 bits holds nan.*"
+                                         r"model's outputs for NaN, then recalibrate"):
+        quant.calibrate(tiny.apply, nan_kernel, tiny.sites, batch, [16, 8, 6, 4, 2])
+    # NaN outside any kernel (a bias) poisons the activations after it: caught at the end of calibration
+    # (on a two-layer model, which compiles in a blink)
+    m = TwoLayer()
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    params = m.init(jax.random.key(1), x)["params"]
+    apply = lambda p, x: m.apply({"params": p}, x)  # noqa: E731
+    sites = quant.discover_sites(apply, params, (x,), rules=())
+    quant.calibrate(apply, params, sites, [(x,)], [8, 4])  # finite params: fine
+    params["conv"]["bias"] = params["conv"]["bias"].at[0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"non-finite quantizer parameter: a_range of site 'fc' \(2 of 2\) at 4 bits "
+                                         r"holds nan"):
+        quant.calibrate(apply, params, sites, [(x,)], [8, 4])
 
 
 def test_rules_pin_bits_and_reject_unmatched_patterns(tiny):

@@ -48,7 +48,7 @@ def save_plots(workdir: str | os.PathLike, histories: list[dict], logs: dict, re
         ax.plot([h["generation"] for h in hs], [h["median"] if h["median"] is not None else np.nan for h in hs],
                 ls="--", color=line.get_color(), label=f"{name} median")
     ax.set_xlabel("generation")
-    ax.set_ylabel(f"fitness ({results['metric_name']}, n={results['metric_samples']['search']})")
+    ax.set_ylabel(f"fitness ({results['metric_name']}, n={results['noise']['fitness']['n']}, fitness noise)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(workdir / "search_progress.png", dpi=120)
@@ -56,12 +56,14 @@ def save_plots(workdir: str | os.PathLike, histories: list[dict], logs: dict, re
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, log in logs.items():
-        fit, bops = np.asarray(log["fitness"]).ravel(), np.asarray(log["bitops"]).ravel()
+        top = np.asarray(log["scores"]).shape[-1] - 1
+        fit = np.where(np.asarray(log["level"]) == top, np.asarray(log["scores"])[..., top], np.nan).ravel()
+        bops = np.asarray(log["bitops"]).ravel()
         ok = np.isfinite(fit)
         ax.scatter(bops[ok], fit[ok], s=8, alpha=0.5, label=f"{name} candidates")
     for name, entry in [("best", results["best"]), *results["baselines"].items()]:
-        if entry.get("fitness") is not None:
-            ax.scatter([entry["bitops"]], [entry["fitness"]], marker="*", s=120, label=name)
+        if entry.get("search", {}).get("fitness") is not None:
+            ax.scatter([entry["bitops"]], [entry["search"]["fitness"]], marker="*", s=120, label=name)
     ax.axvline(results["budget_bitops"], color="k", ls=":", label="budget")
     ax.set_xlabel("BitOPs per image (all sampling steps)")
     ax.set_ylabel(f"fitness ({results['metric_name']})")

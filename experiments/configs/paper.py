@@ -17,6 +17,7 @@ def get_config():
     c.num_crossover = 10
     c.mutation_prob = 0.25
     c.search_samples = 2000
+    c.select_samples = 5000
     c.final_samples = 10000
     c.rescore_top_k = 10
     c.calib_steps = 50

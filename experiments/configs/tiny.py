@@ -16,6 +16,7 @@ def get_config():
     c.num_mutation = 1
     c.num_crossover = 1
     c.search_samples = 8
+    c.select_samples = 10
     c.final_samples = 12
     c.rescore_top_k = 2
     c.reference_steps = 4

@@ -25,7 +25,7 @@ from tmpq_jax.metrics.inception_weights import (FETCH_HINT, PARAMS_FILE, SOURCE_
                                                  sha256)
 
 DEFAULT_BATCH = 50
-REFERENCE_SETS = ("mnist-heldout", "mnist-train", "mnist-all")
+REFERENCE_SETS = ("mnist-heldout", "mnist-train", "mnist-fitness", "mnist-all")
 
 
 class InputError(ValueError):
@@ -182,6 +182,27 @@ def reference_stats(reference: str, extractor: InceptionFeatures, cache: str | o
     mu, sigma = extractor.stats(images, progress)
     save_stats(path, mu, sigma, n=len(images))
     return mu, sigma
+
+
+def reference_features(reference: str, extractor: InceptionFeatures, cache: str | os.PathLike | None = None,
+                       progress: bool = True) -> np.ndarray:
+    """(n, 2048) features of a named real set (cached next to the weights) or of an .npz of images (for KID)."""
+    if reference not in REFERENCE_SETS:
+        z = _load_npz(reference) if reference.endswith(".npz") else {}
+        if "images" not in z and len(z) != 1:
+            raise InputError(f"KID reference {reference!r} must be a known set {REFERENCE_SETS} or an .npz of images "
+                             "(statistics files hold no features)")
+        return extractor.features(load_images(reference), progress)
+    key = f"{reference}_{extractor.weights_sha256[:12]}_q{int(extractor.quantize)}_{extractor.precision}_features.npz"
+    path = cache_dir(cache) / "reference" / key
+    if path.is_file():
+        return np.asarray(_load_npz(path)["features"], np.float32)
+    images = data.to_unit_range(data.mnist(reference.split("-", 1)[1]).images)
+    print(f"Inception features: {reference} ({len(images)} images) -> {path}", flush=True)
+    feats = extractor.features(images, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, features=feats)
+    return feats
 
 
 def fid_from_stats(a, b) -> float:

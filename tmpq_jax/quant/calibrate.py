@@ -23,7 +23,7 @@ from flax.traverse_util import flatten_dict
 from tqdm.auto import tqdm
 
 from tmpq_jax import checkpoint
-from tmpq_jax.quant.fake_quant import check_bit_choices, qdq_asymmetric, qdq_symmetric
+from tmpq_jax.quant.fake_quant import PASSTHROUGH_BITS, check_bit_choices, qdq_asymmetric, qdq_symmetric
 from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
 
 WEIGHT_CLIP_GRID = np.linspace(1.0, 0.5, 21)  # descending: ties keep the widest range
@@ -40,8 +40,76 @@ class QuantTables:
     w_range: jax.Array  # (L, B, 2); zeros for conv/dense sites
 
     def bit_row(self, bits: jax.Array) -> jax.Array:
-        """Row index of each bit-width (bits >= 16 pass through and use row 0)."""
-        return jnp.argmax(self.table_bits[None, :] == jnp.asarray(bits)[..., None], axis=-1)
+        """Row index of each bit-width in `table_bits` (int32, shape of `bits`); jittable and vmappable.
+
+        - a calibrated bit-width: its row;
+        - a bit-width < 16 the tables were not calibrated for: `len(table_bits)`, one past the last row. Gather with
+          `take_row`, which fills that row with NaN, so the candidate's quantizers and outputs are NaN (the search
+          scores NaN as infeasible) instead of silently using another bit-width's row. Plain indexing would clamp it
+          to the last row: do not index tables with `bit_row` directly;
+        - a bit-width >= 16 not in the table: row 0. QDQ passes such operands through exactly, so the row's content
+          is never used.
+        Concrete bits are checked up front (with a message) by `engine.check_candidate_bits`.
+        """
+        bits = jnp.asarray(bits)
+        hit = self.table_bits == bits[..., None]
+        row = jnp.argmax(hit, axis=-1).astype(jnp.int32)
+        missing = ~jnp.any(hit, axis=-1) & (bits < PASSTHROUGH_BITS)
+        return jnp.where(missing, jnp.int32(self.table_bits.shape[0]), row)
+
+    @staticmethod
+    def take_row(table: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
+        """`table` indexed by `rows` (from `bit_row`) along `axis`; the out-of-range row of an uncalibrated
+        bit-width reads as NaN."""
+        return jnp.take(table, rows, axis=axis, mode="fill", fill_value=jnp.nan)
+
+
+def first_nonfinite(sites: SiteTable, table_bits, w_clip: dict, a_range=None, w_range=None) -> str | None:
+    """The first non-finite table entry, or None: "<table> of site '<path>' (i of L) at <b> bits holds nan".
+
+    Sites are scanned in order, and per site w_clip, a_range, w_range. Rows are named by their bit-width.
+    """
+    tb = np.asarray(table_bits).reshape(-1).tolist()
+    stacked = {name: np.asarray(arr) for name, arr in (("a_range", a_range), ("w_range", w_range))
+               if arr is not None}
+    if all(np.all(np.isfinite(np.asarray(v))) for v in [*w_clip.values(), *stacked.values()]):
+        return None
+
+    def describe(name, arr, where):
+        arr = np.asarray(arr)
+        bad = ~np.isfinite(arr)
+        if not bad.any():
+            return None
+        first = tuple(int(k) for k in np.argwhere(bad)[0]) if arr.ndim else ()
+        row = first[0] if first else 0
+        at = f"{tb[row]} bits" if row < len(tb) else f"row {row}"
+        return f"{name} of {where} at {at} holds {arr[first]}"
+
+    site_of = {s.path: i for i, s in enumerate(sites.sites)}
+    for i, s in enumerate(sites.sites):
+        where = f"site {s.path!r} ({i + 1} of {len(sites)})"
+        per_site = [("w_clip", w_clip[s.path])] if s.path in w_clip else []
+        per_site += [(name, arr[i]) for name, arr in stacked.items() if i < len(arr)]
+        for name, arr in per_site:
+            if found := describe(name, arr, where):
+                return found
+    # entries tied to no site (only in a malformed file)
+    for k, v in w_clip.items():
+        if k not in site_of and (found := describe("w_clip", v, f"entry {k!r}")):
+            return found
+    for name, arr in stacked.items():
+        for i in range(len(sites), len(arr)):
+            if found := describe(name, arr[i], f"extra site row {i}"):
+                return found
+    return "a non-finite entry"  # unreachable unless the shapes are malformed
+
+
+def _check_finite_calibration(sites: SiteTable, table_bits, w_clip, a_range=None, w_range=None) -> None:
+    bad = first_nonfinite(sites, table_bits, w_clip, a_range, w_range)
+    if bad:
+        raise ValueError(f"calibration produced a non-finite quantizer parameter: {bad}. The params or the model's "
+                         f"outputs on the calibration inputs contain NaN/inf: check the params (e.g. a diverged "
+                         f"checkpoint) and the model's outputs for NaN, then recalibrate")
 
 
 def table_bits_for(sites: SiteTable, bit_choices) -> np.ndarray:
@@ -123,9 +191,14 @@ def _act_range_search(values: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax
 
 def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterable[tuple], bit_choices,
               seed: int = 0, num_batches: int | None = None) -> QuantTables:
-    """Calibrate all tables. `batches` yields UNet inputs (x_t, t, labels), e.g. from `trajectory_batches`."""
+    """Calibrate all tables. `batches` yields UNet inputs (x_t, t, labels), e.g. from `trajectory_batches`.
+
+    Raises ValueError naming the first site, table and bit-width whose parameter is not finite (NaN/inf params or
+    model outputs); the weight clips are checked before the activation pass, everything again at the end.
+    """
     table_bits = table_bits_for(sites, bit_choices)
     w_clip = calibrate_weights(params, sites, table_bits)
+    _check_finite_calibration(sites, table_bits, w_clip)  # fail before the costly activation pass
 
     stats_fn = make_stats_fn(apply_fn)
     acc: dict[str, list] = {}
@@ -134,7 +207,7 @@ def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterab
         salt = jnp.uint32((seed * 1_000_003 + i) % 2**32)
         for k, (mn, mx, sub) in jax.device_get(stats_fn(salt, params, *inputs)).items():
             a = acc.setdefault(k, [np.inf, -np.inf, []])
-            a[0], a[1] = min(a[0], float(mn)), max(a[1], float(mx))
+            a[0], a[1] = float(np.minimum(a[0], mn)), float(np.maximum(a[1], mx))  # NaN propagates
             a[2].append(np.asarray(sub))
     rng = np.random.default_rng(seed)
     bits = jnp.asarray(table_bits)
@@ -150,6 +223,7 @@ def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterab
             vals = np.concatenate(subs)
             vals = rng.choice(vals, SAMPLES_PER_SITE, replace=len(vals) < SAMPLES_PER_SITE)
             dest[i] = np.asarray(_act_range_search(jnp.asarray(vals), jnp.float32(mn), jnp.float32(mx), bits))
+    _check_finite_calibration(sites, table_bits, w_clip, a_range, w_range)
     return QuantTables(jnp.asarray(table_bits), w_clip, jnp.asarray(a_range), jnp.asarray(w_range))
 
 
@@ -177,7 +251,10 @@ def _escape(d: dict) -> dict:
 
 
 def load_tables(path: str | Path, sites: SiteTable, bit_choices=None) -> QuantTables:
-    """Load tables and check they were calibrated for these sites (and cover `bit_choices`)."""
+    """Load tables and check they were calibrated for these sites, are finite (and cover `bit_choices`).
+
+    Raises `checkpoint.CheckpointError` on any mismatch, naming the first non-finite site, table and bit-width.
+    """
     state = checkpoint.load_tree(path)
     try:
         paths = tuple(bytes(np.asarray(state["site_paths"], np.uint8)).decode().split("\n"))
@@ -189,6 +266,14 @@ def load_tables(path: str | Path, sites: SiteTable, bit_choices=None) -> QuantTa
     if paths != sites.paths:
         raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} were calibrated for other sites "
                                          f"({len(paths)} sites vs the model's {len(sites)}); recalibrate")
+    try:
+        bad = first_nonfinite(sites, tables.table_bits, tables.w_clip, tables.a_range, tables.w_range)
+    except (IndexError, TypeError) as e:
+        raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} are malformed: {e}") from e
+    if bad:
+        raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} hold a non-finite value: {bad}. The file "
+                                         f"is damaged or was calibrated from a model with NaN outputs; recalibrate "
+                                         f"(and check the model's params and outputs for NaN)")
     if bit_choices is not None:
         missing = sorted(set(table_bits_for(sites, bit_choices).tolist()) - set(np.asarray(tables.table_bits).tolist()))
         if missing:

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tmpq_jax import diffusion
 from tmpq_jax.quant.calibrate import QuantTables
-from tmpq_jax.quant.fake_quant import check_bits, qdq_asymmetric, qdq_symmetric
+from tmpq_jax.quant.fake_quant import PASSTHROUGH_BITS, check_bits, qdq_asymmetric, qdq_symmetric
 from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
 
 STRATEGIES = ("auto", "loop", "vmap", "map", "sharded")
@@ -45,22 +45,67 @@ def resolve_bits(sites: SiteTable, w_bits: jax.Array, a_bits: jax.Array):
 
 
 def check_candidate_bits(sites: SiteTable, tables: QuantTables, w_bits, a_bits) -> None:
-    """Concrete checks: lengths, range 2..16, and that each bit-width below 16 was calibrated."""
-    known = set(np.asarray(tables.table_bits).tolist())
+    """Concrete checks of one candidate (L,) or a population (P, L) of bit-widths.
+
+    Integers in [2, 16], one per site, and every bit-width below 16 that a site uses (after pinned bits) was
+    calibrated; >= 16 passes through. Raises ValueError naming the bad bit-widths, how many sites (and candidates)
+    use them, and the calibrated bit-widths.
+    """
+    n = len(sites)
+    known = sorted(set(np.asarray(tables.table_bits).tolist()))
+    arrs = []
     for name, b in (("w_bits", w_bits), ("a_bits", a_bits)):
-        arr = check_bits(b, name, length=len(sites))
-        missing = sorted({int(x) for x in arr if x < 16 and x not in known})
-        if missing:
-            raise ValueError(f"{name} uses bit-widths {missing} that the tables were not calibrated for; "
-                             f"calibrated: {sorted(known)} (and >= 16 passes through)")
+        arr = np.asarray(b)
+        if arr.ndim not in (1, 2) or arr.shape[-1] != n:
+            raise ValueError(f"{name} must be a vector of length {n} (one per site) or a population of shape "
+                             f"(P, {n}), got shape {arr.shape}")
+        arrs.append(check_bits(arr, name))
+    if arrs[0].shape != arrs[1].shape:
+        raise ValueError(f"w_bits and a_bits must have the same shape, got {arrs[0].shape} and {arrs[1].shape}")
+    pinned = (np.asarray([s.fixed_w_bits for s in sites.sites]), np.asarray([s.fixed_a_bits for s in sites.sites]))
+    for name, arr, fixed in zip(("w_bits", "a_bits"), arrs, pinned):
+        used = np.where(fixed > 0, fixed, arr)
+        bad = (used < PASSTHROUGH_BITS) & ~np.isin(used, known)
+        if not bad.any():
+            continue
+        missing = sorted(set(used[bad].tolist()))
+        bad_sites = np.flatnonzero(bad.reshape(-1, n).any(axis=0))
+        where = f"at {len(bad_sites)} of {n} sites (first: {sites.sites[bad_sites[0]].path!r})"
+        if arr.ndim == 2:
+            bad_cands = np.flatnonzero(bad.any(axis=1))
+            where += f" in {len(bad_cands)} of {arr.shape[0]} candidates (first: #{bad_cands[0]})"
+        raise ValueError(f"{name} uses bit-widths {missing} that the tables were not calibrated for, {where}; "
+                         f"calibrated: {known} (and >= {PASSTHROUGH_BITS} passes through). Use calibrated "
+                         f"bit-widths or recalibrate with these in bit_choices")
+
+
+def _is_traced(*trees) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for tree in trees for leaf in jax.tree.leaves(tree))
+
+
+def check_candidate_bits_if_concrete(sites: SiteTable, tables: QuantTables, w_bits, a_bits) -> None:
+    """`check_candidate_bits` when bits and `tables.table_bits` are concrete; traced calls are left to the traced
+    guard (`QuantTables.bit_row`: an uncalibrated bit-width gathers NaN parameters, never another row)."""
+    if not _is_traced(w_bits, a_bits, tables.table_bits):
+        check_candidate_bits(sites, tables, w_bits, a_bits)
 
 
 def gather_candidate(tables: QuantTables, sites: SiteTable, w_bits: jax.Array, a_bits: jax.Array) -> CandidateQuant:
+    """One candidate's quantizer parameters: the table rows of its (pinned-resolved) bit-widths.
+
+    Concrete bits are checked (ValueError on uncalibrated bit-widths). Traced bits cannot be: a bit-width < 16 the
+    tables lack gathers NaN parameters, so the candidate's outputs are NaN (infeasible to the search), never the
+    parameters of another bit-width. Bit-widths >= 16 pass through exactly.
+    """
+    check_candidate_bits_if_concrete(sites, tables, w_bits, a_bits)
     w_bits, a_bits = resolve_bits(sites, jnp.asarray(w_bits), jnp.asarray(a_bits))
     wr, ar = tables.bit_row(w_bits), tables.bit_row(a_bits)
     idx = jnp.arange(len(sites))
-    w_clip = {s.path: tables.w_clip[s.path][wr[i]] for i, s in enumerate(sites.sites) if s.has_weights}
-    return CandidateQuant(w_bits, a_bits, tables.a_range[idx, ar], tables.w_range[idx, wr], w_clip)
+    take = tables.take_row
+    w_clip = {s.path: take(tables.w_clip[s.path], wr[i]) for i, s in enumerate(sites.sites) if s.has_weights}
+    a_range = tables.a_range.at[idx, ar].get(mode="fill", fill_value=jnp.nan)
+    w_range = tables.w_range.at[idx, wr].get(mode="fill", fill_value=jnp.nan)
+    return CandidateQuant(w_bits, a_bits, a_range, w_range, w_clip)
 
 
 def quantize_params(params: Any, sites: SiteTable, cand: CandidateQuant) -> Any:
@@ -93,7 +138,10 @@ def quantized_apply(apply_fn: Callable, sites: SiteTable, cand: CandidateQuant) 
 def sample_candidate(apply_fn: Callable, sites: SiteTable, abar: jax.Array, params: Any, tables: QuantTables,
                      w_bits: jax.Array, a_bits: jax.Array, timesteps: jax.Array, noise: jax.Array,
                      labels: jax.Array) -> jax.Array:
-    """DDIM samples of one candidate (timesteps, w_bits, a_bits). Weights are quantized once per run."""
+    """DDIM samples of one candidate (timesteps, w_bits, a_bits). Weights are quantized once per run.
+
+    Concrete bits are checked against the tables (ValueError); traced uncalibrated bits give NaN samples.
+    """
     cand = gather_candidate(tables, sites, w_bits, a_bits)
     qparams = quantize_params(params, sites, cand)
     qapply = quantized_apply(apply_fn, sites, cand)
@@ -168,12 +216,22 @@ def population_fn(fn: Callable, strategy: str = "auto", chunk_size: int = 1, dev
 
 def make_population_sampler(apply_fn: Callable, sites: SiteTable, strategy: str = "auto", chunk_size: int = 1,
                             devices=None) -> Callable:
-    """sampler((w_bits[P,L], a_bits[P,L], timesteps[P,N]), (abar, params, tables, noise, labels)) -> images[P,...]."""
+    """sampler((w_bits[P,L], a_bits[P,L], timesteps[P,N]), (abar, params, tables, noise, labels)) -> images[P,...].
+
+    A concrete population is checked against the tables first (ValueError naming uncalibrated bit-widths); a traced
+    one relies on the traced guard (NaN images for a candidate with an uncalibrated bit-width).
+    """
 
     def one(w_bits, a_bits, timesteps, abar, params, tables, noise, labels):
         return sample_candidate(apply_fn, sites, abar, params, tables, w_bits, a_bits, timesteps, noise, labels)
 
-    return population_fn(one, strategy, chunk_size, devices)
+    run = population_fn(one, strategy, chunk_size, devices)
+
+    def sampler(pop, shared):
+        check_candidate_bits_if_concrete(sites, shared[2], pop[0], pop[1])
+        return run(pop, shared)
+
+    return sampler
 
 
 # --- BitOPs -------------------------------------------------------------------------------------------------------

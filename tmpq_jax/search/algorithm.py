@@ -15,7 +15,6 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from tmpq_jax.quant.engine import site_bitops
 from tmpq_jax.search.space import Genome, SearchSpace
 
 
@@ -33,6 +32,14 @@ def clean_fitness(fitness: jax.Array) -> jax.Array:
 
 def _stack(gs: list[Genome]) -> Genome:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *gs)
+
+
+def repeats(pop: Genome) -> jax.Array:
+    """(P,) True where a genome equals an earlier row of the population."""
+    flat = jnp.concatenate([x.reshape(x.shape[0], -1) for x in jax.tree.leaves(pop)], axis=1)
+    same = jnp.all(flat[:, None, :] == flat[None, :, :], axis=-1)
+    earlier = jnp.tril(jnp.ones_like(same), k=-1)
+    return jnp.any(same & earlier, axis=1)
 
 
 def mutate(key: jax.Array, g: Genome, space: SearchSpace, prob: float) -> Genome:
@@ -109,64 +116,16 @@ class EvolutionSearch:
         return jax.tree.map(lambda a, b: jnp.where(state.generation == 0, a, b), first, later), state
 
     def tell(self, key: jax.Array, population: Genome, fitness: jax.Array, state: EvoState) -> EvoState:
+        """Keep the top-k distinct genomes of everything seen (a repeat of a kept genome is not kept twice)."""
         del key
         fitness = clean_fitness(fitness)
         all_g = _stack([state.top_genomes, population])
-        all_f = jnp.concatenate([state.top_fitness, fitness])
+        all_f = jnp.where(repeats(all_g), jnp.inf, jnp.concatenate([state.top_fitness, fitness]))
         order = jnp.argsort(all_f, stable=True)[: self.num_parents]
         return EvoState(jax.tree.map(lambda x: x[order], all_g), all_f[order], state.generation + 1)
 
     def best(self, state: EvoState) -> tuple[Genome, jax.Array]:
         return jax.tree.map(lambda x: x[0], state.top_genomes), state.top_fitness[0]
-
-
-# --- budget -------------------------------------------------------------------------------------------------------
-
-
-def make_repair(space: SearchSpace, sites, budget: float):
-    """Lower the bits of the costliest site, one step at a time, until BitOPs <= budget.
-
-    Bounded: at most L * 2 * (B - 1) steps. Returns (genome, bitops, feasible). Costs come from
-    `quant.site_bitops`; sites with pinned bits (rules) are never changed.
-    """
-    nb, n = len(space.bit_choices), space.num_steps
-    fw = jnp.asarray([s.fixed_w_bits for s in sites.sites])
-    fa = jnp.asarray([s.fixed_a_bits for s in sites.sites])
-    budget = jnp.float32(budget)
-
-    def cost_terms(g):
-        w, a = space.bits(g.w_bit_idx), space.bits(g.a_bit_idx)
-        return w, a, site_bitops(sites, w, a, n)
-
-    def bitops_of(g):
-        return jnp.sum(cost_terms(g)[2], axis=-1)
-
-    def repair(g: Genome):
-        def lowerable(g):
-            return (fw == 0) & (g.w_bit_idx < nb - 1), (fa == 0) & (g.a_bit_idx < nb - 1)
-
-        def cond(carry):
-            g, it = carry
-            can_w, can_a = lowerable(g)
-            return (bitops_of(g) > budget) & jnp.any(can_w | can_a) & (it < space.num_sites * 2 * (nb - 1))
-
-        def body(carry):
-            g, it = carry
-            w, a, cost = cost_terms(g)
-            can_w, can_a = lowerable(g)
-            site = jnp.argmax(jnp.where(can_w | can_a, cost, -1.0))
-            lower_w = can_w[site] & ((w[site] >= a[site]) | ~can_a[site])
-            g = g.replace(w_bit_idx=g.w_bit_idx.at[site].add(jnp.where(lower_w, 1, 0)),
-                          a_bit_idx=g.a_bit_idx.at[site].add(jnp.where(lower_w, 0, 1)))
-            return g, it + 1
-
-        if space.search_bits:
-            g, _ = jax.lax.while_loop(cond, body, (g, jnp.int32(0)))
-        b = bitops_of(g)
-        return g, b, b <= budget
-
-    repair.bitops = bitops_of
-    return repair
 
 
 # --- evosax strategies through a continuous-to-discrete decode ---------------------------------------------------
@@ -176,7 +135,6 @@ def make_repair(space: SearchSpace, sites, budget: float):
 class EvosaxState:
     inner: object  # the evosax algorithm state
     params: object  # the evosax algorithm params
-    last_x: jax.Array  # (P, D) the continuous population of the last ask
     generation: jax.Array
 
 
@@ -185,7 +143,8 @@ class EvosaxSearch:
     """Run an evosax algorithm (e.g. 'CMA_ES', 'SimpleGA') on x in [0, 1)^D, D = N + 2L.
 
     Gene j decodes to floor(clip(x_j, 0, 1) * size_j): a timestep offset within its group or a bit index.
-    evosax minimises, as we do; NaN fitness is passed on as +inf.
+    evosax minimises, as we do; NaN fitness is passed on as +inf. `tell` encodes the told genomes (cell centres),
+    so candidates changed after `ask` (budget repair, redrawn duplicates) are what the strategy learns from.
     """
 
     space: SearchSpace
@@ -230,13 +189,13 @@ class EvosaxSearch:
         else:
             pop = jax.random.uniform(k_pop, (self.population_size, self.num_dims)).at[0].set(seed_x)
             inner = es.init(k_init, pop, jnp.full((self.population_size,), jnp.inf), params)
-        return EvosaxState(inner, params, jnp.zeros((self.population_size, self.num_dims)), jnp.asarray(0, jnp.int32))
+        return EvosaxState(inner, params, jnp.asarray(0, jnp.int32))
 
     def ask(self, key: jax.Array, state: EvosaxState) -> tuple[Genome, EvosaxState]:
         x, inner = self._strategy().ask(key, state.inner, state.params)
-        return self.decode(x), state.replace(inner=inner, last_x=x)
+        return self.decode(x), state.replace(inner=inner)
 
     def tell(self, key: jax.Array, population: Genome, fitness: jax.Array, state: EvosaxState) -> EvosaxState:
-        del population  # the continuous points of the last ask are what evosax moves
-        inner, _ = self._strategy().tell(key, state.last_x, clean_fitness(fitness), state.inner, state.params)
+        inner, _ = self._strategy().tell(key, self.encode(population), clean_fitness(fitness), state.inner,
+                                         state.params)
         return state.replace(inner=inner, generation=state.generation + 1)

@@ -1,12 +1,21 @@
-"""Fitness of candidates: sample with fixed noise seeds, then score with a pluggable image metric.
+"""Fitness of candidates: sample on noise drawn for one purpose, then score with a registered image metric.
 
-A metric maps generated images (n, H, W, C) in [-1, 1] to a float, lower is better. All candidates see the same
-noise and labels, so their scores are comparable and runs are deterministic.
+Every number comes from noise derived explicitly for its purpose (`purpose_noise`: fold_in(key(seed), purpose)),
+so the samples a candidate is selected on are never the samples it is reported on (DESIGN.md Sec. 5):
+- `fitness`: the search's generations; `select`: the top-k re-scoring; `report`: every reported number.
+
+A metric maps generated images (n, H, W, C) in [-1, 1] to a float, lower is better. Two kinds:
+- reference metrics (Frechet distance, KID) compare the distribution with real data; the fitness's reference
+  (`mnist-fitness`) is never a report's (`mnist-heldout`);
+- paired metrics (`teacher_*`) compare each sample with the full-precision teacher's sample from the same noise and
+  label. DDIM (eta 0) is deterministic, so the pairing is exact and no reference data are needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import math
 from typing import Any, Callable, Protocol
 
@@ -16,78 +25,254 @@ import numpy as np
 
 from tmpq_jax import data, diffusion, metrics, quant
 
+PURPOSES = {"fitness": 1, "select": 2, "report": 3}
+MNIST_SHAPE = (28, 28, 1)
+
 
 class Metric(Protocol):
     name: str
+    paired: bool  # needs the teacher's images from the same noise
 
-    def __call__(self, images: np.ndarray) -> float: ...
-
-
-@dataclasses.dataclass
-class ClassifierFrechet:
-    """Frechet distance in the project classifier's 128-d feature space against held-out real digits."""
-
-    classifier: metrics.ClassifierFeatures
-    ref_mu: np.ndarray
-    ref_sigma: np.ndarray
-    name: str = "classifier_fd"
-
-    @classmethod
-    def mnist_heldout(cls, config=None) -> "ClassifierFrechet":
-        del config
-        clf = metrics.ClassifierFeatures.load()
-        _, feats = clf.batched(data.mnist("heldout").images)
-        return cls(clf, *metrics.feature_stats(feats))
-
-    def __call__(self, images: np.ndarray) -> float:
-        images = np.asarray(images, np.float32)
-        if not np.isfinite(images).all():
-            return float("nan")
-        _, feats = self.classifier.batched(images)
-        return metrics.frechet_distance(*metrics.feature_stats(feats), self.ref_mu, self.ref_sigma)
+    def __call__(self, images: np.ndarray, teacher: np.ndarray | None = None) -> float: ...
 
 
-def _inception_fid(config=None) -> Metric:
-    from tmpq_jax.metrics.fid import InceptionFID
+# --- feature spaces ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _classifier() -> metrics.ClassifierFeatures:
+    return metrics.ClassifierFeatures.load()
+
+
+def classifier_features(images: np.ndarray) -> np.ndarray:
+    """128-d penultimate features of the project's MNIST classifier; images in [-1, 1]."""
+    return _classifier().batched(np.asarray(images, np.float32))[1]
+
+
+@functools.lru_cache(maxsize=4)
+def _inception(cache: str, batch: int):
+    from tmpq_jax.metrics.fid import InceptionFeatures
     from tmpq_jax.metrics.inception_weights import WeightsError
 
     try:
-        return InceptionFID.from_config(config)
+        return InceptionFeatures.load(cache or None, batch_size=batch)
     except WeightsError as e:
-        raise WeightsError(f"{e}. To search without Inception FID, pass --config.report_metrics='()' (and a "
-                           "--config.metric other than inception_fid)") from e
+        raise WeightsError(f"{e}. To search without Inception metrics, pass --config.report_metrics='()' and a "
+                           "--config.metric that does not use Inception") from e
 
 
-# name -> factory(config): config fields a metric reads (e.g. fid_reference) come from the search config
-METRICS: dict[str, Callable[[Any], Metric]] = {"classifier_fd": ClassifierFrechet.mnist_heldout,
-                                               "inception_fid": _inception_fid}
+def _inception_of(config):
+    return _inception(_get(config, "fid_cache", ""), int(_get(config, "fid_batch", 50)))
 
 
-def register_metric(name: str, factory: Callable[[Any], Metric]) -> None:
-    """Make a metric available to the search by name; `factory(config)` builds it."""
-    METRICS[name] = factory
+def _get(config, key, default):
+    return config.get(key, default) if config is not None else default
 
 
-def check_metric_name(name: str, where: str = "metric") -> None:
+def reference_images(reference: str) -> np.ndarray:
+    """Real images in [-1, 1]: a named MNIST set ('mnist-heldout', 'mnist-fitness', ...) or an .npz of images."""
+    from tmpq_jax.metrics.fid import REFERENCE_SETS, load_images
+
+    if reference in REFERENCE_SETS:
+        return data.mnist(reference.split("-", 1)[1]).images
+    if reference.endswith(".npz"):
+        return load_images(reference) * 2.0 - 1.0
+    raise ValueError(f"reference {reference!r} is neither a known set {REFERENCE_SETS} nor an .npz of images")
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+
+def _finite(images) -> np.ndarray | None:
+    x = np.asarray(images, np.float32)
+    return x if np.isfinite(x).all() else None
+
+
+@dataclasses.dataclass
+class ReferenceFrechet:
+    """Frechet distance (Heusel et al. 2017, eq. 6) of the samples' features to a real reference set."""
+
+    name: str
+    features: Callable[[np.ndarray], np.ndarray]
+    reference: metrics.FrechetToReference
+    paired: bool = False
+
+    def __call__(self, images, teacher=None) -> float:
+        x = _finite(images)
+        return float("nan") if x is None else self.reference.distance(self.features(x))
+
+
+@dataclasses.dataclass
+class ReferenceKID:
+    """Kernel inception distance (Binkowski et al. 2018): unbiased MMD^2, cubic polynomial kernel."""
+
+    name: str
+    features: Callable[[np.ndarray], np.ndarray]
+    reference_features: np.ndarray
+    paired: bool = False
+
+    def __call__(self, images, teacher=None) -> float:
+        x = _finite(images)
+        return float("nan") if x is None else metrics.kid(self.features(x), self.reference_features)
+
+
+@dataclasses.dataclass
+class TeacherDistance:
+    """Mean paired squared distance to the FP teacher's samples from the same noise (pixels or features).
+
+    Pixels: mean squared error per pixel. Features: squared L2 distance per sample, divided by the dimension.
+    """
+
+    name: str
+    features: Callable[[np.ndarray], np.ndarray] | None = None  # None: pixels
+    paired: bool = True
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)  # teacher digest -> features
+
+    def _teacher_features(self, t: np.ndarray) -> np.ndarray:
+        key = hashlib.sha256(np.ascontiguousarray(t).tobytes()).hexdigest()
+        if key not in self._cache:
+            self._cache[key] = self.features(t)
+        return self._cache[key]
+
+    def __call__(self, images, teacher=None) -> float:
+        if teacher is None:
+            raise ValueError(f"metric {self.name!r} compares with the teacher's samples, but none were given")
+        x = _finite(images)
+        if x is None:
+            return float("nan")
+        t = np.asarray(teacher, np.float32)
+        if t.shape != x.shape:
+            raise ValueError(f"{self.name}: teacher images {t.shape} do not pair with samples {x.shape}")
+        if self.features is not None:
+            x, t = self.features(x), self._teacher_features(t)
+        return float(np.mean((x.astype(np.float64) - t) ** 2))
+
+
+def _frechet(name, features_of, reference_features_of):
+    def factory(config, reference):
+        feats = reference_features_of(config, reference)
+        return ReferenceFrechet(name, features_of(config), metrics.FrechetToReference(*metrics.feature_stats(feats)))
+    return factory
+
+
+def _inception_fid(config, reference):
+    from tmpq_jax.metrics.fid import reference_stats
+
+    ext = _inception_of(config)
+    return ReferenceFrechet("inception_fid", _inception_images(config),
+                            metrics.FrechetToReference(*reference_stats(reference, ext, _get(config, "fid_cache", "")
+                                                                        or None)))
+
+
+def _inception_images(config):
+    ext = _inception_of(config)
+    return lambda images: ext.features(data.to_unit_range(images), progress=False)
+
+
+def _inception_reference(config, reference):
+    from tmpq_jax.metrics.fid import reference_features
+
+    return reference_features(reference, _inception_of(config), _get(config, "fid_cache", "") or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricInfo:
+    factory: Callable[[Any, str], Metric]  # (config, reference) -> metric
+    needs_reference: bool
+    mnist_only: bool  # uses the project's MNIST classifier
+    doc: str
+
+
+METRICS: dict[str, MetricInfo] = {
+    "classifier_fd": MetricInfo(_frechet("classifier_fd", lambda c: classifier_features,
+                                         lambda c, r: classifier_features(reference_images(r))), True, True,
+                                "Frechet distance in the MNIST classifier's 128-d features"),
+    "inception_fid": MetricInfo(_inception_fid, True, False, "standard FID (FID Inception-v3, 2048-d)"),
+    "kid_classifier": MetricInfo(lambda c, r: ReferenceKID("kid_classifier", classifier_features,
+                                                           classifier_features(reference_images(r))), True, True,
+                                 "KID in the MNIST classifier's features"),
+    "kid_inception": MetricInfo(lambda c, r: ReferenceKID("kid_inception", _inception_images(c),
+                                                          _inception_reference(c, r)), True, False,
+                                "KID in FID Inception features"),
+    "teacher_mse": MetricInfo(lambda c, r: TeacherDistance("teacher_mse"), False, False,
+                              "paired pixel MSE to the FP teacher"),
+    "teacher_classifier": MetricInfo(lambda c, r: TeacherDistance("teacher_classifier", classifier_features), False,
+                                     True, "paired distance to the FP teacher in classifier features"),
+    "teacher_inception": MetricInfo(lambda c, r: TeacherDistance("teacher_inception", _inception_images(c)), False,
+                                    False, "paired distance to the FP teacher in Inception features"),
+}
+
+
+def register_metric(name: str, factory: Callable[[Any, str], Metric], needs_reference: bool = True,
+                    mnist_only: bool = False, doc: str = "") -> None:
+    """Make a metric available by name; `factory(config, reference)` builds it (reference: a set name or path)."""
+    METRICS[name] = MetricInfo(factory, needs_reference, mnist_only, doc)
+
+
+def check_metric_name(name: str, where: str = "metric") -> MetricInfo:
     if name not in METRICS:
         raise ValueError(f"config.{where} has unknown metric {name!r}; valid: {sorted(METRICS)}")
+    return METRICS[name]
 
 
-def make_metric(name: str, config=None) -> Metric:
-    check_metric_name(name)
-    return METRICS[name](config)
+def check_metric_for_model(name: str, reference: str, sample_shape, where: str = "metric") -> None:
+    """A metric or reference that only makes sense for MNIST-shaped models is an error elsewhere."""
+    info = check_metric_name(name, where)
+    if tuple(sample_shape) == MNIST_SHAPE:
+        return
+    if info.mnist_only:
+        raise ValueError(f"config.{where}={name!r} uses the MNIST classifier, but the model makes "
+                         f"{tuple(sample_shape)} samples; use one of "
+                         f"{sorted(k for k, v in METRICS.items() if not v.mnist_only)}")
+    if info.needs_reference and reference.startswith("mnist-"):
+        raise ValueError(f"config.{where}={name!r} would compare {tuple(sample_shape)} samples with the MNIST "
+                         f"reference {reference!r}; make statistics of your data with `python experiments/fid.py "
+                         "stats` and pass that .npz")
 
 
-def fixed_noise(seed: int, n: int, sample_shape: tuple[int, ...], num_classes: int):
-    """The noise and labels every candidate is scored on (labels cycle over the classes)."""
-    noise = jax.random.normal(jax.random.key(seed), (n, *sample_shape), jnp.float32)
+def make_metric(name: str, config=None, reference: str = "mnist-heldout") -> Metric:
+    return check_metric_name(name).factory(config, reference)
+
+
+# --- noise ----------------------------------------------------------------------------------------------------------
+
+
+def purpose_noise(seed: int, purpose: str, n: int, sample_shape: tuple[int, ...], num_classes: int):
+    """Noise and labels for one purpose: key = fold_in(key(seed), PURPOSES[purpose]); labels cycle over classes."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown noise purpose {purpose!r}; valid: {sorted(PURPOSES)}")
+    key = jax.random.fold_in(jax.random.key(seed), PURPOSES[purpose])
+    noise = jax.random.normal(key, (n, *sample_shape), jnp.float32)
     labels = jnp.arange(n) % num_classes if num_classes else jnp.full((n,), 0)
     return noise, labels.astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class NoiseSet:
+    """Which samples a number is computed on: seed, purpose and count (stated with every reported number)."""
+
+    seed: int
+    purpose: str
+    n: int
+
+    def describe(self) -> dict:
+        return {"n": self.n, "noise_seed": self.seed, "noise_purpose": self.purpose}
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def candidate_key(ts, wb, ab) -> bytes:
+    return b"|".join(np.asarray(a, np.int32).tobytes() for a in (ts, wb, ab))
+
+
 @dataclasses.dataclass
 class Evaluator:
-    """Samples populations of (timesteps, w_bits, a_bits) and scores them."""
+    """Samples populations of (timesteps, w_bits, a_bits) on a NoiseSet and scores them; caches the scores.
+
+    The cache is keyed by (candidate, noise set, metric): with fixed noise a candidate's score is deterministic, so
+    a candidate seen before is never sampled again.
+    """
 
     apply_fn: Callable
     sites: quant.SiteTable
@@ -95,11 +280,12 @@ class Evaluator:
     tables: quant.QuantTables
     sample_shape: tuple[int, ...]
     num_classes: int
-    metric: Metric
-    noise_seed: int = 0
     strategy: str = "auto"
     chunk_size: int = 1
     sample_batch: int = 256
+    teachers: dict = dataclasses.field(default_factory=dict)  # NoiseSet -> FP teacher images
+    cache: dict = dataclasses.field(default_factory=dict)  # (candidate key, NoiseSet, metric name) -> score
+    sampled: int = 0  # candidate sampling runs so far (not counting cache hits)
 
     def __post_init__(self):
         self.abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
@@ -107,27 +293,61 @@ class Evaluator:
         self._fp = jax.jit(lambda params, ts, noise, labels: diffusion.ddim_sample(
             lambda x, t, y: self.apply_fn(params, x, t, y), self.abar, ts, noise, labels))
 
-    def _batches(self, n: int):
-        noise, labels = fixed_noise(self.noise_seed, n, self.sample_shape, self.num_classes)
-        for i in range(0, n, self.sample_batch):
+    def _batches(self, noise_set: NoiseSet):
+        noise, labels = purpose_noise(noise_set.seed, noise_set.purpose, noise_set.n, self.sample_shape,
+                                      self.num_classes)
+        for i in range(0, noise_set.n, self.sample_batch):
             yield noise[i:i + self.sample_batch], labels[i:i + self.sample_batch]
 
-    def sample(self, timesteps, w_bits, a_bits, n: int) -> np.ndarray:
+    def sample(self, timesteps, w_bits, a_bits, noise_set: NoiseSet) -> np.ndarray:
         """Images (P, n, H, W, C) in [-1, 1] of a population."""
         pop = (jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32), jnp.asarray(timesteps, jnp.int32))
         outs = [np.asarray(self._sampler(pop, (self.abar, self.params, self.tables, noise, labels)))
-                for noise, labels in self._batches(n)]
+                for noise, labels in self._batches(noise_set)]
+        self.sampled += len(pop[0])
         return np.concatenate(outs, axis=1)
 
-    def sample_fp(self, timesteps, n: int) -> np.ndarray:
+    def sample_fp(self, timesteps, noise_set: NoiseSet) -> np.ndarray:
         ts = jnp.asarray(diffusion.validate_timesteps(np.asarray(timesteps)))
         return np.concatenate([np.asarray(self._fp(self.params, ts, noise, labels))
-                               for noise, labels in self._batches(n)])
+                               for noise, labels in self._batches(noise_set)])
 
-    def score(self, images: np.ndarray) -> np.ndarray:
-        """Metric per candidate; NaN (a broken candidate) stays NaN for the caller to treat as infeasible."""
-        out = np.asarray([self.metric(im) for im in images], np.float64)
+    def teacher(self, noise_set: NoiseSet) -> np.ndarray:
+        if noise_set not in self.teachers:
+            raise KeyError(f"no teacher images for {noise_set}; compute them first (run's teacher stage)")
+        return self.teachers[noise_set]
+
+    def score_images(self, images: np.ndarray, noise_set: NoiseSet, metric_list) -> np.ndarray:
+        """(P, M) scores of image sets (P, n, ...) by each metric; NaN stays NaN (the caller makes it infeasible)."""
+        teacher = self.teacher(noise_set) if any(m.paired for m in metric_list) else None
+        out = np.asarray([[m(im, teacher if m.paired else None) for m in metric_list] for im in images], np.float64)
         return np.where(np.isfinite(out), out, np.nan)
+
+    def evaluate(self, timesteps, w_bits, a_bits, noise_set: NoiseSet, metric_list, feasible=None) -> np.ndarray:
+        """(P, M) scores of decoded candidates; infeasible ones score +inf without sampling; cached."""
+        ts, wb, ab = (np.asarray(a) for a in (timesteps, w_bits, a_bits))
+        keys = [candidate_key(ts[i], wb[i], ab[i]) for i in range(len(ts))]
+        ok = np.ones(len(keys), bool) if feasible is None else np.asarray(feasible, bool)
+        names = [m.name for m in metric_list]
+        todo, seen = [], set()
+        for i, k in enumerate(keys):
+            if ok[i] and k not in seen and any((k, noise_set, n) not in self.cache for n in names):
+                seen.add(k)
+                todo.append(i)
+        if todo:
+            strategy = quant.auto_strategy() if self.strategy == "auto" else self.strategy
+            pad = todo + todo[-1:] * (len(keys) - len(todo)) if strategy != "loop" else todo  # keep compiled sizes
+            images = self.sample(ts[pad], wb[pad], ab[pad], noise_set)[: len(todo)]
+            for i, row in zip(todo, self.score_images(images, noise_set, metric_list)):
+                for name, value in zip(names, row):
+                    self.cache.setdefault((keys[i], noise_set, name), value)
+        return np.array([[self.cache[(k, noise_set, n)] if ok[i] else np.inf for n in names]
+                         for i, k in enumerate(keys)], np.float64).reshape(len(keys), len(names))
+
+
+def finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 def nan_to_inf(x):

@@ -1,8 +1,9 @@
-"""The end-to-end TMPQ-DM job behind `experiments/search.py`.
+"""The end-to-end TMPQ-DM job behind `experiments/search.py`, as named stages with typed inputs and outputs:
 
-load model -> calibrate shared tables -> FP reference -> evolutionary search (checkpointed every generation)
--> re-score the top-k on more samples -> baselines (uniform W8A8 / W6A6, timestep-only, precision-only)
--> results.json, history.jsonl, sample grids, samples_*.npz and plots in the workdir.
+problem -> metrics -> calibrate -> teachers -> searches -> rescore -> baselines -> report -> outputs
+
+Fitness, top-k selection and reported numbers each use their own noise (`fitness.purpose_noise`), and reports
+compare with other reference data than the fitness (DESIGN.md Sec. 5).
 """
 
 from __future__ import annotations
@@ -22,84 +23,155 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tmpq_jax import checkpoint, data, diffusion, models, quant
-from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch, make_repair
-from tmpq_jax.search.fitness import Evaluator, check_metric_name, make_metric, nan_to_inf
+from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
+from tmpq_jax.search.budget import Budget
+from tmpq_jax.search.driver import SearchResult, SearchSettings, decode_np, evolve
+from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, check_metric_for_model, make_metric,
+                                     nan_to_inf)
 from tmpq_jax.search.space import Genome, SearchSpace
 from tmpq_jax.visual import save_grid, save_plots
 
-BASELINES = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only")
+BASELINES = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits")
+SINGLE_AXIS = {"timestep_only": dict(search_timesteps=True, search_bits=False),
+               "precision_only": dict(search_timesteps=False, search_bits=True)}
+# settings that change no search result: left out of the resume fingerprint
+NOT_IN_FINGERPRINT = ("report_metrics", "report_reference", "report_noise_seed", "final_samples", "fid_cache",
+                      "fid_batch", "sample_batch", "chunk_size", "multihost", "select_samples", "rescore_top_k")
 
 
 # --- config -------------------------------------------------------------------------------------------------------
 
 
+def make_algorithm(c, space: SearchSpace):
+    if c.algorithm == "evolution":
+        return EvolutionSearch(space, c.population_size, c.num_parents, c.num_mutation, c.num_crossover,
+                               c.mutation_prob)
+    algo = EvosaxSearch(space, c.algorithm, c.population_size)
+    algo._strategy()  # unknown names fail here
+    return algo
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Every setting checked before any expensive step; errors name the value and the valid range."""
     def need(name, ok, valid):
         if not ok:
             raise ValueError(f"config.{name}={c[name]!r} is invalid; valid: {valid}")
 
-    models.get_spec(c.model)
+    spec = models.get_spec(c.model)
     need("num_steps", isinstance(c.num_steps, int) and 1 <= c.num_steps <= diffusion.NUM_TRAIN_TIMESTEPS,
          "an integer in [1, 1000]")
     quant.check_bit_choices(list(c.bit_choices), "config.bit_choices")
     need("budget_bits", c.budget_bits in list(c.bit_choices), f"one of bit_choices {list(c.bit_choices)}")
-    need("budget_bitops", c.budget_bitops >= 0, ">= 0 (0: uniform W{budget_bits}A{budget_bits})")
-    need("budget_mode", c.budget_mode in ("repair", "infeasible"), "'repair' or 'infeasible'")
-    need("generations", c.generations >= 1, ">= 1")
+    need("budget_bitops", c.budget_bitops >= 0 and float(c.budget_bitops) == int(c.budget_bitops),
+         "a whole number >= 0 (0: uniform W{budget_bits}A{budget_bits})")
+    need("generations", isinstance(c.generations, int) and c.generations >= 1, "an integer >= 1")
     need("search_samples", c.search_samples >= 2, ">= 2 (a covariance needs two samples)")
-    need("final_samples", c.final_samples >= 2, ">= 2")
+    need("select_samples", c.select_samples >= c.search_samples, f">= search_samples={c.search_samples}")
+    need("final_samples", c.final_samples >= c.search_samples, f">= search_samples={c.search_samples}")
+    levels = tuple(c.fidelity_samples) or (c.search_samples,)
+    need("fidelity_samples", all(b > a for a, b in zip(levels, levels[1:])) and levels[-1] == c.search_samples
+         and levels[0] >= 2, f"ascending sample counts >= 2 ending at search_samples={c.search_samples}, or ()")
+    need("fidelity_keep", 0.0 < c.fidelity_keep <= 1.0, "in (0, 1]")
+    need("max_redraw", c.max_redraw >= 0, ">= 0")
     need("rescore_top_k", c.rescore_top_k >= 1, ">= 1")
     need("reference_steps", 1 <= c.reference_steps <= diffusion.NUM_TRAIN_TIMESTEPS, "in [1, 1000]")
     need("calib_steps", 1 <= c.calib_steps <= diffusion.NUM_TRAIN_TIMESTEPS, "in [1, 1000]")
-    need("calib_samples", c.calib_samples >= 1, ">= 1")
-    need("sample_batch", c.sample_batch >= 1, ">= 1")
+    for name in ("calib_samples", "calib_batch", "sample_batch", "fid_batch", "chunk_size"):
+        need(name, isinstance(c[name], int) and c[name] >= 1, "an integer >= 1")
     need("warm_start", isinstance(c.warm_start, bool), "True or False")
     need("strategy", c.strategy in quant.STRATEGIES, str(quant.STRATEGIES))
-    need("algorithm", c.algorithm == "evolution" or c.algorithm[:1].isupper(),
-         "'evolution' or an evosax algorithm name such as 'CMA_ES' or 'SimpleGA'")
-    check_metric_name(c.metric)
-    for name in c.get("report_metrics", []):
-        check_metric_name(name, "report_metrics")
-    need("fid_batch", c.get("fid_batch", 1) >= 1, ">= 1")
     for name in c.baselines:
         if name not in BASELINES:
             raise ValueError(f"config.baselines has unknown entry {name!r}; valid: {BASELINES}")
+    # metrics and their reference data, against the model
+    check_metric_for_model(c.metric, c.fitness_reference, spec.sample_shape, "metric")
+    for name in c.report_metrics:
+        check_metric_for_model(name, c.report_reference, spec.sample_shape, "report_metrics")
+    if METRICS[c.metric].needs_reference and c.fitness_reference == c.report_reference:
+        raise ValueError(f"config.fitness_reference={c.fitness_reference!r} equals config.report_reference: the "
+                         "reported metric must not compare with the data the fitness saw (e.g. 'mnist-fitness' "
+                         "vs 'mnist-heldout')")
+    # the algorithm (population arithmetic, evosax names) and the space
+    space = SearchSpace.create(c.num_steps, 1, list(c.bit_choices), c.spacing, list(c.group_starts) or None,
+                               seed_bits=c.seed_bits)
+    make_algorithm(c, space)
 
 
-# --- helpers ------------------------------------------------------------------------------------------------------
+def fingerprint(c: ml_collections.ConfigDict, checkpoint_sha: str) -> dict:
+    """Every setting that affects a search's results (resume refuses a change in any of them)."""
+    out = {k: v for k, v in json.loads(c.to_json()).items() if k not in NOT_IN_FINGERPRINT}
+    out["checkpoint_sha256"] = checkpoint_sha
+    return out
 
 
-@dataclasses.dataclass
-class Context:
-    config: ml_collections.ConfigDict
-    workdir: Path
+def _sha(path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+# --- stage 1: problem -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The model, its quantization sites, the joint space and the exact budget."""
+
+    spec: models.ModelSpec
+    apply_fn: Any
+    params: Any
     sites: quant.SiteTable
     space: SearchSpace
-    evaluator: Evaluator
-    repair: Any
-    budget: float
-    timing: dict
-    scores: dict = dataclasses.field(default_factory=dict)  # (candidate, n) -> metric, see `evaluate`
-    images: dict = dataclasses.field(default_factory=dict)  # (candidate, n) -> images, final scoring only
+    budget: Budget
+    checkpoint_sha: str
 
 
-def _stack_genomes(gs: list[Genome]) -> Genome:
-    return jax.tree.map(lambda *x: jnp.stack(x), *gs)
+def build_problem(c) -> Problem:
+    spec = models.get_spec(c.model)
+    sha = _sha(c.checkpoint)
+    model = models.build_model(spec)
+    params = checkpoint.load_params(c.checkpoint, spec)
+
+    def apply_fn(p, *a):
+        return model.apply({"params": p}, *a)
+
+    rules = [quant.QuantRule(**dict(r)) for r in c.rules] + (list(quant.DEFAULT_RULES) if c.probs_8bit else [])
+    sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules)
+    space = SearchSpace.create(c.num_steps, len(sites), list(c.bit_choices), c.spacing, list(c.group_starts) or None,
+                               seed_bits=c.seed_bits)
+    budget = Budget.create(sites, space, int(c.budget_bitops) or None, c.budget_bits)
+    print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
+          f"{int(sites.macs.sum()):,} MACs/step; budget {budget.limit:,} BitOPs", flush=True)
+    return Problem(spec, apply_fn, params, sites, space, budget, sha)
 
 
-def _make_algorithm(c, space: SearchSpace):
-    if c.algorithm == "evolution":
-        return EvolutionSearch(space, c.population_size, c.num_parents, c.num_mutation, c.num_crossover,
-                               c.mutation_prob)
-    return EvosaxSearch(space, c.algorithm, c.population_size)
+# --- stage 2: metrics ------------------------------------------------------------------------------------------------
 
 
-def _calibrate(c, workdir: Path, apply_fn, params, sites, spec) -> quant.QuantTables:
+@dataclasses.dataclass(frozen=True)
+class MetricSet:
+    fitness: Metric  # also the top-k selection metric, on its own noise
+    reports: tuple[Metric, ...]  # reported on the report noise against the report reference
+
+
+def build_metrics(c) -> MetricSet:
+    """Built before any long work, so missing weights or reference data fail at once."""
+    fitness = make_metric(c.metric, c, c.fitness_reference)
+    return MetricSet(fitness, tuple(make_metric(n, c, c.report_reference) for n in c.report_metrics))
+
+
+# --- stage 3: calibration ----------------------------------------------------------------------------------------------
+
+
+def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
+    """Shared per-bit tables on FP DDIM trajectories (TMPQ-DM Sec. 3.3), cached in the workdir."""
+    spec, sites = problem.spec, problem.sites
     path = workdir / "quant_tables.msgpack"
-    meta = {"checkpoint_sha256": _sha(c.checkpoint), "calib_steps": c.calib_steps,
+    meta = {"checkpoint_sha256": problem.checkpoint_sha, "calib_steps": c.calib_steps,
             "calib_samples": c.calib_samples, "calib_seed": c.seed, "bit_choices": list(c.bit_choices)}
-    if path.exists():
-        old = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+    if path.exists() and path.with_suffix(".json").exists():
+        old = json.loads(path.with_suffix(".json").read_text())
         if all(old.get(k) == v for k, v in meta.items()):
             print(f"loading calibration tables from {path}", flush=True)
             return quant.load_tables(path, sites, list(c.bit_choices))
@@ -107,128 +179,231 @@ def _calibrate(c, workdir: Path, apply_fn, params, sites, spec) -> quant.QuantTa
     noise = jax.random.normal(jax.random.key(c.seed + 7919), (c.calib_samples, *spec.sample_shape))
     labels = (jnp.arange(c.calib_samples) % max(spec.num_classes, 1)).astype(jnp.int32)
     ts = diffusion.uniform_timesteps(c.calib_steps)
-    mem = c.calib_steps * c.calib_samples * math.prod(spec.sample_shape) * 4 / 2**20
-    print(f"calibration: FP DDIM trajectories, {c.calib_steps} timesteps x {c.calib_samples} samples "
-          f"({mem:.1f} MiB of UNet inputs)", flush=True)
+    print(f"calibration: FP DDIM trajectories, {c.calib_steps} timesteps x {c.calib_samples} samples", flush=True)
+    apply_fn = problem.apply_fn
     _, traj = jax.jit(lambda p: diffusion.ddim_sample(lambda x, t, y: apply_fn(p, x, t, y), abar, ts, noise, labels,
-                                                      return_trajectory=True))(params)
+                                                      return_trajectory=True))(problem.params)
     m = c.calib_steps * c.calib_samples
     inputs = (traj.x.reshape(m, *spec.sample_shape), jnp.repeat(traj.t, c.calib_samples),
               jnp.tile(labels, c.calib_steps))
     perm = np.random.default_rng(c.seed).permutation(m)  # mix timesteps across batches
     inputs = tuple(a[perm] for a in inputs)
-    tables = quant.calibrate(apply_fn, params, sites, quant.trajectory_batches(inputs, c.calib_batch),
+    tables = quant.calibrate(apply_fn, problem.params, sites, quant.trajectory_batches(inputs, c.calib_batch),
                              list(c.bit_choices), seed=c.seed, num_batches=-(-m // c.calib_batch))
     quant.save_tables(path, tables, sites, meta)
     return tables
 
 
-def _sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def make_evaluator(c, problem: Problem, tables: quant.QuantTables) -> Evaluator:
+    return Evaluator(problem.apply_fn, problem.sites, problem.params, tables, problem.spec.sample_shape,
+                     problem.spec.num_classes, c.strategy, c.chunk_size, c.sample_batch)
 
 
-# --- one evolutionary search, resumable ---------------------------------------------------------------------------
+# --- stage 4: teachers -------------------------------------------------------------------------------------------------
 
 
-def evolve(ctx: Context, name: str, space: SearchSpace, resume: bool, warm: list[Genome] = ()) -> dict:
-    """Run the configured algorithm on `space`; checkpoint after every generation to search_<name>.msgpack.
-
-    `warm` genomes replace the last random members of the first population (warm start).
-    """
-    c = ctx.config
-    algo = _make_algorithm(c, space)
-    key = jax.random.key(c.seed)
-    ask = jax.jit(algo.ask)
-    tell = jax.jit(algo.tell)
-    repair = jax.jit(jax.vmap(ctx.repair))
-    bitops_of = jax.jit(jax.vmap(ctx.repair.bitops))
-    decode = jax.jit(jax.vmap(space.decode))
-    state = algo.init(key)
-    g, p = c.generations, c.population_size
-    log = {"genomes": jax.tree.map(lambda x: np.zeros((g, p, *x.shape), np.int32), space.seed()),
-           "fitness": np.full((g, p), np.nan), "bitops": np.zeros((g, p)), "feasible": np.zeros((g, p), bool),
-           "seconds": np.zeros(g)}
-    path = ctx.workdir / f"search_{name}.msgpack"
-    start = 0
-    if resume and path.exists():
-        saved = checkpoint.load_tree(path, {"state": state, "log": log, "generation": 0})
-        state, start = jax.tree.map(jnp.asarray, saved["state"]), int(saved["generation"])
-        log = jax.tree.map(np.array, saved["log"])  # writable copies
-        for gen in range(start):  # finished generations feed the memo exactly as in an uninterrupted run
-            ts, wb, ab = decode(jax.tree.map(lambda x: x[gen], log["genomes"]))
-            for i, f in enumerate(log["fitness"][gen]):
-                if np.isfinite(f):
-                    ctx.scores.setdefault(_candidate_key(ts[i], wb[i], ab[i], c.search_samples), f)
-        print(f"[{name}] resumed after generation {start}/{g} from {path}", flush=True)
-    history = []
-    bar = tqdm(range(start, g), desc=f"search {name}", unit="gen", initial=start, total=g)
-    for gen in bar:
-        t0 = time.time()
-        k = jax.random.fold_in(key, gen)
-        pop, state = ask(k, state)
-        if gen == 0 and warm:
-            pop = jax.tree.map(lambda x, w: x.at[-len(warm):].set(w), pop, _stack_genomes(list(warm)))
-        if c.budget_mode == "repair":
-            pop, bitops, feasible = repair(pop)
-        else:
-            bitops = bitops_of(pop)
-            feasible = bitops <= ctx.budget
-        fit = nan_to_inf(evaluate(ctx, *decode(pop), c.search_samples, feasible=np.asarray(feasible)))
-        state = tell(k, pop, jnp.asarray(fit, jnp.float32), state)
-        for dst, src in zip(jax.tree.leaves(log["genomes"]), jax.tree.leaves(pop)):
-            dst[gen] = np.asarray(src)
-        log["fitness"][gen], log["bitops"][gen] = fit, np.asarray(bitops)
-        log["feasible"][gen], log["seconds"][gen] = np.asarray(feasible), time.time() - t0
-        checkpoint.save_tree(path, {"state": state, "log": log, "generation": gen + 1})
-        seen = log["fitness"][: gen + 1].ravel()
-        finite = fit[np.isfinite(fit)]
-        with open(ctx.workdir / "history.jsonl", "a") as f:  # live progress; rewritten in full at the end
-            f.write(json.dumps({"search": name, "generation": gen, "best": float(np.min(seen)),
-                                "median": float(np.median(finite)) if finite.size else None,
-                                "feasible_fraction": float(np.mean(np.asarray(feasible)))}) + "\n")
-        bar.set_postfix(best=f"{np.min(seen):.3f}", median=f"{np.median(finite) if finite.size else np.inf:.3f}",
-                        feasible=f"{np.mean(np.asarray(feasible)):.2f}")
-    bar.close()
-    for gen in range(g):
-        fit = log["fitness"][gen]
-        finite = fit[np.isfinite(fit)]
-        history.append({"search": name, "generation": gen, "best": float(np.min(log["fitness"][: gen + 1])),
-                        "median": float(np.median(finite)) if finite.size else None,
-                        "feasible_fraction": float(np.mean(log["feasible"][gen])),
-                        "seconds": float(log["seconds"][gen])})
-    return {"log": log, "history": history, "space": space}
+def noise_sets(c) -> dict[str, NoiseSet]:
+    return {"fitness": NoiseSet(c.noise_seed, "fitness", c.search_samples),
+            "select": NoiseSet(c.noise_seed, "select", c.select_samples),
+            "report": NoiseSet(c.report_noise_seed, "report", c.final_samples)}
 
 
-def top_unique(result: dict, k: int) -> list[tuple[Genome, float]]:
-    """The k best distinct feasible genomes of a search log, with their search fitness, best first."""
-    log = result["log"]
-    fit = np.asarray(log["fitness"]).ravel()
-    flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), log["genomes"])
-    out, seen = [], set()
-    for i in np.argsort(fit, kind="stable"):
-        if not np.isfinite(fit[i]):
-            break
-        g = jax.tree.map(lambda x: x[i], flat)
-        sig = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(g))
-        if sig not in seen:
-            seen.add(sig)
-            out.append((g, float(fit[i])))
-        if len(out) == k:
-            break
+def reference_timesteps(c) -> np.ndarray:
+    return diffusion.uniform_timesteps(c.reference_steps)
+
+
+def teacher_images(c, problem: Problem, evaluator: Evaluator, noise_set: NoiseSet, workdir: Path) -> np.ndarray:
+    """The FP reference sampler's images on `noise_set`, computed once and cached in the workdir."""
+    tag = hashlib.sha256(json.dumps([problem.checkpoint_sha, c.reference_steps, dataclasses.astuple(noise_set)])
+                         .encode()).hexdigest()[:16]
+    path = workdir / f"teacher_{noise_set.purpose}_{tag}.npz"
+    if path.exists():
+        images = np.load(path)["images"]
+        if images.shape == (noise_set.n, *problem.spec.sample_shape) and np.isfinite(images).all():
+            evaluator.teachers[noise_set] = images
+            return images
+    print(f"FP teacher: {c.reference_steps} DDIM steps on {noise_set}", flush=True)
+    images = evaluator.sample_fp(reference_timesteps(c), noise_set)
+    np.savez(path, images=images)
+    evaluator.teachers[noise_set] = images
+    return images
+
+
+def make_teachers(c, problem: Problem, evaluator: Evaluator, metric_set: MetricSet, workdir: Path) -> dict:
+    """Teacher images for every noise set a paired metric is computed on; the report set's is the FP reference."""
+    sets = noise_sets(c)
+    need = []
+    if metric_set.fitness.paired:
+        need += [NoiseSet(c.noise_seed, "fitness", n) for n in (tuple(c.fidelity_samples) or (c.search_samples,))]
+        need.append(sets["select"])
+    need.append(sets["report"])  # the FP reference row of the report
+    return {s: teacher_images(c, problem, evaluator, s, workdir) for s in dict.fromkeys(need)}
+
+
+# --- stage 5: searches ----------------------------------------------------------------------------------------------
+
+
+def search_settings(c) -> SearchSettings:
+    return SearchSettings(c.noise_seed, tuple(c.fidelity_samples) or (c.search_samples,), c.fidelity_keep,
+                          c.max_redraw, c.seed)
+
+
+def single_axis_space(space: SearchSpace, name: str) -> SearchSpace:
+    return space.restrict(**SINGLE_AXIS[name])
+
+
+def run_searches(c, problem: Problem, evaluator: Evaluator, metric: Metric, workdir: Path, resume: bool,
+                 warm_extra=()) -> dict[str, SearchResult]:
+    """Single-axis searches (each repairs within its own space), then the joint search, warm-started from their
+    bests and `warm_extra` if configured. A single-axis space whose seed cannot meet the budget is skipped and
+    recorded as infeasible by the baselines stage."""
+    fp = fingerprint(c, problem.checkpoint_sha)
+    settings = search_settings(c)
+    out = {}
+    for name in [b for b in c.baselines if b in SINGLE_AXIS]:
+        sub = single_axis_space(problem.space, name)
+        if not SINGLE_AXIS[name]["search_bits"] and not problem.budget.is_feasible(sub.seed()):
+            print(f"[{name}] skipped: the seed costs {problem.budget.cost_of(sub.seed()):,} BitOPs > budget "
+                  f"{problem.budget.limit:,}, and this space cannot change bits", flush=True)
+            continue
+        print(f"baseline search {name}", flush=True)
+        out[name] = evolve(name, make_algorithm(c, sub), sub, problem.budget, evaluator, metric, settings,
+                           c.generations, workdir, fp, resume)
+    warm = []
+    if c.warm_start and c.algorithm == "evolution":
+        warm = [r.top_unique(1)[0][0] for r in out.values() if r.top_unique(1)] + list(warm_extra)
+        warm = warm[: c.population_size - 1]
+    out["joint"] = evolve("joint", make_algorithm(c, problem.space), problem.space, problem.budget, evaluator, metric,
+                          settings, c.generations, workdir, fp, resume, warm)
     return out
 
 
-def describe(ctx: Context, g: Genome, space: SearchSpace, fitness: float, metric: float) -> dict:
-    ts, wb, ab = (np.asarray(x) for x in space.decode(g))
-    wb, ab = (np.asarray(x) for x in quant.engine.resolve_bits(ctx.sites, jnp.asarray(wb), jnp.asarray(ab)))
-    bitops = quant.bitops_exact(ctx.sites, wb, ab, len(ts))
-    ref = quant.fp_bitops(ctx.sites, ctx.config.reference_steps)
-    return {"timesteps": ts.tolist(), "w_bits": dict(zip(ctx.sites.paths, wb.tolist())),
-            "a_bits": dict(zip(ctx.sites.paths, ab.tolist())), "bitops": bitops,
-            "bitops_reduction": ref / bitops, "within_budget": bool(bitops <= ctx.budget * (1 + 1e-6)),
-            "fitness": _num(fitness), "metric": _num(metric),
-            "mean_w_bits": float(np.average(wb, weights=ctx.sites.macs)),
-            "mean_a_bits": float(np.average(ab, weights=ctx.sites.macs))}
+# --- stage 6: rescore (selection) --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Finalist:
+    """A chosen candidate, with the numbers that chose it (fitness and selection noise)."""
+
+    genome: Genome
+    space: SearchSpace
+    fitness: float | None  # on the fitness noise
+    selection: float | None  # on the select noise (top-k re-scoring); None if not re-scored
+    note: str = ""
+
+
+def rescore(c, evaluator: Evaluator, metric: Metric, result: SearchResult) -> Finalist:
+    """Re-score the top-k distinct candidates on the select noise; the best there wins (TMPQ-DM Sec. 4)."""
+    top = result.top_unique(c.rescore_top_k)
+    if not top:
+        raise RuntimeError(f"search {result.name!r} found no feasible candidate in {c.generations} generations; "
+                           "raise the budget")
+    genomes = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in top])
+    sel = nan_to_inf(evaluator.evaluate(*decode_np(result.space, genomes), noise_sets(c)["select"], [metric])[:, 0])
+    i = int(np.argmin(sel))
+    return Finalist(jax.tree.map(lambda x: x[i], genomes), result.space, top[i][1], _num(sel[i]),
+                    f"best of {len(top)} by {metric.name} on the select noise")
+
+
+# --- stage 7: baselines -------------------------------------------------------------------------------------------------
+
+
+def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric) -> Finalist | None:
+    """`greedy_bits`: lowest bits, then the smallest sites raised to the highest choice within the budget; also
+    with activations starting one choice higher; the better by the fitness is kept."""
+    space, budget = problem.space, problem.budget
+    choices = space.bit_choices
+    starts = [None] + ([choices[-2]] if len(choices) > 1 else [])
+    cands = [g for g in (budget.greedy_bits(space, a) for a in starts) if budget.is_feasible(g)]
+    if not cands:
+        return None
+    pop = jax.tree.map(lambda *x: np.stack(x), *cands)
+    fit = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["fitness"], [metric])[:, 0])
+    i = int(np.argmin(fit))
+    return Finalist(cands[i], space, _num(fit[i]), None,
+                    f"greedy, activations from {starts[i] or choices[-1]} bits; better of {len(cands)} by fitness")
+
+
+def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric,
+                       searches: dict[str, SearchResult]) -> dict[str, Finalist | None]:
+    out = {}
+    fitness_set = noise_sets(c)["fitness"]
+    for name in c.baselines:
+        if name.startswith("uniform_"):
+            g = jax.tree.map(np.asarray, problem.space.uniform_bits(int(name.split("_w")[1].split("a")[0])))
+            pop = jax.tree.map(lambda x: x[None], g)
+            fit = nan_to_inf(evaluator.evaluate(*decode_np(problem.space, pop), fitness_set, [metric])[0, 0])
+            out[name] = Finalist(g, problem.space, _num(fit), None, "fixed")
+        elif name == "greedy_bits":
+            out[name] = greedy_finalist(c, problem, evaluator, metric)
+        else:
+            out[name] = rescore(c, evaluator, metric, searches[name]) if name in searches else None
+    return out
+
+
+# --- stage 8: report ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    entries: dict  # name -> results.json entry
+    images: dict  # name -> report-noise images in [-1, 1]
+
+
+def describe(problem: Problem, c, f: Finalist) -> dict:
+    ts, wb, ab = (x[0] for x in decode_np(f.space, jax.tree.map(lambda x: np.asarray(x)[None], f.genome)))
+    wb, ab = problem.budget.resolve(wb, ab)
+    cost = int(problem.budget.cost(wb, ab))
+    ref = quant.fp_bitops(problem.sites, c.reference_steps)
+    return {"timesteps": ts.tolist(), "w_bits": dict(zip(problem.sites.paths, wb.tolist())),
+            "a_bits": dict(zip(problem.sites.paths, ab.tolist())), "bitops": cost, "bitops_reduction": ref / cost,
+            "within_budget": bool(cost <= problem.budget.limit),
+            "mean_w_bits": float(np.average(wb, weights=problem.sites.macs)),
+            "mean_a_bits": float(np.average(ab, weights=problem.sites.macs)),
+            "search": {"metric": c.metric, "fitness": f.fitness, "selection": f.selection, "note": f.note,
+                       "fitness_noise": noise_sets(c)["fitness"].describe(),
+                       "select_noise": noise_sets(c)["select"].describe()}}
+
+
+def report(c, problem: Problem, evaluator: Evaluator, metric_set: MetricSet, finalists: dict[str, Finalist | None],
+           teachers: dict) -> Report:
+    """Sample every finalist and the FP reference on the report noise; score with the report metrics (and the
+    fitness metric) against the report reference. Nothing here feeds back into any selection."""
+    report_set = noise_sets(c)["report"]
+    # the report metrics (report reference); a paired fitness too (its reference is the FP teacher, not data)
+    metric_list = list(metric_set.reports) + ([metric_set.fitness] if metric_set.fitness.paired and
+                                               metric_set.fitness.name not in {m.name for m in metric_set.reports}
+                                               else [])
+    entries, images = {}, {}
+    ref_images = teachers[report_set]
+    entries["reference"] = {"steps": c.reference_steps, "timesteps": reference_timesteps(c).tolist(),
+                            "bitops": quant.fp_bitops(problem.sites, c.reference_steps)}
+    images["reference"] = ref_images
+    todo = {k: f for k, f in finalists.items() if f is not None}
+    for name, f in finalists.items():
+        if f is None:
+            entries[name] = {"infeasible": True, "reason": "this space cannot meet the budget (or none found)"}
+    ts, wb, ab = [], [], []
+    for k, f in todo.items():
+        t, w, a = decode_np(f.space, jax.tree.map(lambda x: np.asarray(x)[None], f.genome))
+        ts.append(t[0]), wb.append(w[0]), ab.append(a[0])
+    print(f"report: {len(todo)} candidates + FP reference on {report_set}", flush=True)
+    cand_images = evaluator.sample(np.stack(ts), np.stack(wb), np.stack(ab), report_set)
+    all_images = {"reference": ref_images, **dict(zip(todo, cand_images))}
+    digests, done = {}, {}
+    for name, ims in tqdm(all_images.items(), desc="report metrics", unit="set"):
+        d = hashlib.sha256(np.ascontiguousarray(ims).tobytes()).hexdigest()
+        if d not in done:
+            done[d] = evaluator.score_images(ims[None], report_set, metric_list)[0]
+        digests[name] = d
+        if name != "reference":
+            entries[name] = describe(problem, c, todo[name])
+            images[name] = ims
+        entries[name]["report"] = {
+            m.name: {"value": _num(v), **report_set.describe(),
+                     "reference": f"FP teacher ({c.reference_steps} steps)" if m.paired else c.report_reference}
+            for m, v in zip(metric_list, done[d])}
+    return Report(entries, images)
 
 
 def _num(x):
@@ -236,47 +411,7 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
-def _candidate_key(ts, wb, ab, n: int) -> tuple:
-    return tuple(np.asarray(a, np.int32).tobytes() for a in (ts, wb, ab)) + (n,)
-
-
-def evaluate(ctx: Context, ts, wb, ab, n: int, feasible=None, keep_images: bool = False):
-    """Metric on `n` samples of each decoded candidate (timesteps[P, N], w_bits[P, L], a_bits[P, L]).
-
-    Infeasible candidates score +inf without sampling. A candidate evaluated before (same timesteps, bits and n) is
-    not sampled again: with the fixed noise its score is the same, so the memo changes no result, only the time.
-    With `keep_images`, also returns each candidate's images.
-    """
-    ts, wb, ab = (np.asarray(a) for a in (ts, wb, ab))
-    keys = [_candidate_key(ts[i], wb[i], ab[i], n) for i in range(len(ts))]
-    ok = np.ones(len(keys), bool) if feasible is None else np.asarray(feasible, bool)
-    missing = ctx.images if keep_images else ctx.scores
-    todo, seen = [], set()
-    for i, k in enumerate(keys):
-        if ok[i] and k not in missing and k not in seen:
-            seen.add(k)
-            todo.append(i)
-    if todo:
-        strategy = ctx.evaluator.strategy
-        if (quant.auto_strategy() if strategy == "auto" else strategy) != "loop":
-            todo += todo[-1:] * (len(keys) - len(todo))  # batched strategies compile per population size: keep it
-        images = ctx.evaluator.sample(ts[todo], wb[todo], ab[todo], n)
-        for i, image_set, value in zip(todo, images, ctx.evaluator.score(images)):
-            ctx.scores.setdefault(keys[i], value)
-            if keep_images:
-                ctx.images.setdefault(keys[i], image_set)
-    scores = np.array([ctx.scores[k] if ok[i] else np.inf for i, k in enumerate(keys)], np.float64)
-    return (scores, np.stack([ctx.images[k] for k in keys])) if keep_images else scores
-
-
-def score_genomes(ctx: Context, genomes: list[Genome], space: SearchSpace, n: int):
-    """(images[P, n, ...], metric[P]) of genomes decoded in `space`."""
-    ts, wb, ab = jax.vmap(space.decode)(_stack_genomes(genomes))
-    scores, images = evaluate(ctx, ts, wb, ab, n, keep_images=True)
-    return images, scores
-
-
-# --- the job ------------------------------------------------------------------------------------------------------
+# --- the job --------------------------------------------------------------------------------------------------------
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
@@ -289,174 +424,87 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
     timing: dict[str, float] = {}
     t_all = t0 = time.time()
 
-    # model and sites
-    spec = models.get_spec(c.model)
-    model = models.build_model(spec)
-    params = checkpoint.load_params(c.checkpoint, spec)
+    def lap(name):
+        nonlocal t0
+        timing[f"{name}_seconds"] = time.time() - t0
+        t0 = time.time()
 
-    def apply_fn(p, *a):
-        return model.apply({"params": p}, *a)
-
-    rules = [quant.QuantRule(**dict(r)) for r in c.rules] + (list(quant.DEFAULT_RULES) if c.probs_8bit else [])
-    sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules)
-    space = SearchSpace.create(c.num_steps, len(sites), list(c.bit_choices), c.spacing, list(c.group_starts) or None,
-                               seed_bits=c.seed_bits)
-    repair = make_repair(space, sites, 0.0)
-    min_cost = float(repair.bitops(Genome(space.seed().timestep_idx,
-                                          jnp.full(len(sites), len(space.bit_choices) - 1),
-                                          jnp.full(len(sites), len(space.bit_choices) - 1))))
-    budget = float(c.budget_bitops) if c.budget_bitops else float(repair.bitops(space.uniform_bits(c.budget_bits)))
-    if budget < min_cost:
-        raise ValueError(f"budget {budget:.4g} BitOPs is impossible: the cheapest candidate (all "
-                         f"{space.bit_choices[-1]}-bit, {c.num_steps} steps) costs {min_cost:.4g}")
-    repair = make_repair(space, sites, budget)
-    print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
-          f"{int(sites.macs.sum()):,} MACs/step; budget {budget:.4g} BitOPs", flush=True)
-    timing["load_seconds"] = time.time() - t0
-
-    # metrics first, so that missing weights or reference data fail before any long work
-    t0 = time.time()
-    metric = make_metric(c.metric, c)
-    reports = [make_metric(name, c) for name in c.get("report_metrics", []) if name != c.metric]  # final sets only
-    timing["metric_setup_seconds"] = time.time() - t0
-
-    # shared calibration
-    t0 = time.time()
-    tables = _calibrate(c, workdir, apply_fn, params, sites, spec)
-    timing["calibration_seconds"] = time.time() - t0
-    evaluator = Evaluator(apply_fn, sites, params, tables, spec.sample_shape, spec.num_classes, metric,
-                          c.noise_seed, c.strategy, c.chunk_size, c.sample_batch)
-    ctx = Context(c, workdir, sites, space, evaluator, repair, budget, timing)
-
-    # FP reference
-    t0 = time.time()
-    ref_ts = diffusion.uniform_timesteps(c.reference_steps)
-    print(f"FP reference: {c.reference_steps} DDIM steps, {c.final_samples} samples", flush=True)
-    ref_images = evaluator.sample_fp(ref_ts, c.final_samples)
-    reference = {"steps": c.reference_steps, "timesteps": ref_ts.tolist(),
-                 "bitops": quant.fp_bitops(sites, c.reference_steps),
-                 "fitness": _num(metric(ref_images[: c.search_samples])), "metric": _num(metric(ref_images))}
-    timing["reference_seconds"] = time.time() - t0
-
-    # single-axis searches first when they warm-start the joint search
-    t0 = time.time()
-    singles = {}
-    for name in [b for b in c.baselines if b in ("timestep_only", "precision_only")]:
-        print(f"baseline search {name}", flush=True)
-        sub = space.restrict(search_timesteps=name == "timestep_only", search_bits=name == "precision_only")
-        singles[name] = (evolve(ctx, name, sub, resume), sub)
-    timing["single_axis_search_seconds"] = time.time() - t0
-    warm = [top[0][0] for top in (top_unique(r, 1) for r, _ in singles.values()) if top] \
-        if c.warm_start and c.algorithm == "evolution" else []
-
-    # main search
-    t0 = time.time()
-    main = evolve(ctx, "joint", space, resume, warm)
-    timing["search_seconds"] = time.time() - t0
-    timing["candidates_per_second"] = c.population_size * c.generations / max(float(main["log"]["seconds"].sum()),
-                                                                               1e-9)
-
-    # re-score the top-k on more samples
-    t0 = time.time()
-    best, best_images = rescore(ctx, main, space, "joint")
-    timing["rescore_seconds"] = time.time() - t0
-
-    # baselines at the same N and budget
-    t0 = time.time()
-    baselines, baseline_images, histories = {}, {}, list(main["history"])
-    for name in c.baselines:
-        print(f"baseline {name}", flush=True)
-        if name.startswith("uniform_"):
-            bits = int(name.split("_w")[1].split("a")[0])
-            g = space.uniform_bits(bits)
-            fit = evaluate(ctx, *jax.vmap(space.decode)(_stack_genomes([g])), c.search_samples)[0]
-            images, final = score_genomes(ctx, [g], space, c.final_samples)
-            baselines[name] = describe(ctx, g, space, fit, final[0])
-            baseline_images[name] = images[0]
-        else:
-            result, sub = singles[name]
-            histories += result["history"]
-            baselines[name], baseline_images[name] = rescore(ctx, result, sub, name)
-            main.setdefault("others", {})[name] = result
-    timing["baselines_seconds"] = time.time() - t0
-
-    # extra metrics (e.g. Inception FID) on the final image sets, next to the search metric
-    t0 = time.time()
-    final_sets = {"reference": (reference, ref_images), "best": (best, best_images),
-                  **{k: (baselines[k], baseline_images[k]) for k in baselines}}
-    digests = {name: hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
-               for name, (_, images) in final_sets.items()}  # e.g. best == precision_only after a warm start
-    for m in reports:
-        print(f"report {m.name}: {len(set(digests.values()))} distinct image sets x {c.final_samples} samples",
-              flush=True)
-        done = {}
-        for name, (entry, images) in tqdm(final_sets.items(), desc=m.name, unit="set"):
-            if digests[name] not in done:
-                done[digests[name]] = _num(m(images))
-            entry.setdefault("report_metrics", {})[m.name] = done[digests[name]]
-    timing["report_seconds"] = time.time() - t0
+    problem = build_problem(c)
+    lap("load")
+    metric_set = build_metrics(c)
+    lap("metric_setup")
+    tables = calibrate(c, problem, workdir)
+    lap("calibration")
+    evaluator = make_evaluator(c, problem, tables)
+    teachers = make_teachers(c, problem, evaluator, metric_set, workdir)
+    lap("teacher")
+    greedy = greedy_finalist(c, problem, evaluator, metric_set.fitness) if "greedy_bits" in c.baselines else None
+    searches = run_searches(c, problem, evaluator, metric_set.fitness, workdir, resume,
+                            [greedy.genome] if greedy is not None else [])
+    lap("search")
+    n_evals = sum(int((r.log["level"] >= 0).sum()) for r in searches.values())
+    timing["candidates_per_second"] = n_evals / max(sum(float(r.log["seconds"].sum()) for r in searches.values()),
+                                                    1e-9)
+    best = rescore(c, evaluator, metric_set.fitness, searches["joint"])
+    lap("rescore")
+    baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches)
+    lap("baselines")
+    rep = report(c, problem, evaluator, metric_set, {"best": best, **baselines}, teachers)
+    lap("report")
     timing["total_seconds"] = time.time() - t_all
+    timing["sampling_runs"] = evaluator.sampled
 
-    # outputs
+    histories = [h for r in searches.values() for h in r.history]
+    sets = noise_sets(c)
     results = {
         "config": c.to_dict(),
-        "model": {"name": spec.name, "unet_config": {k: list(v) if isinstance(v, tuple) else v
-                                                       for k, v in spec.unet.items()},
-                  "sample_shape": list(spec.sample_shape), "params": models.count_params(params),
-                  "macs_per_step": int(sites.macs.sum()), "quantized_sites": len(sites),
-                  "sites": dict(zip(sites.paths, sites.macs.tolist()))},
-        "reference": reference, "budget_bitops": budget, "best": best, "baselines": baselines,
+        "model": {"name": problem.spec.name, "unet_config": {k: list(v) if isinstance(v, tuple) else v
+                                                               for k, v in problem.spec.unet.items()},
+                  "sample_shape": list(problem.spec.sample_shape), "params": models.count_params(problem.params),
+                  "macs_per_step": int(problem.sites.macs.sum()), "quantized_sites": len(problem.sites),
+                  "sites": dict(zip(problem.sites.paths, problem.sites.macs.tolist()))},
+        "budget_bitops": problem.budget.limit,
+        "noise": {k: v.describe() for k, v in sets.items()},
+        "references": {"fitness": c.fitness_reference, "report": c.report_reference},
+        "reference": rep.entries["reference"], "best": rep.entries["best"],
+        "baselines": {k: rep.entries[k] for k in baselines},
         "history": [h for h in histories if h["search"] == "joint"],
         "baseline_history": [h for h in histories if h["search"] != "joint"],
-        "timing": timing, "metric_name": metric.name, "report_metric_names": [m.name for m in reports],
-        "metric_samples": {"search": c.search_samples, "final": c.final_samples},
-        "devices": [d.device_kind for d in jax.devices()], "strategy": quant.auto_strategy()
-        if c.strategy == "auto" else c.strategy,
+        "timing": timing, "metric_name": metric_set.fitness.name,
+        "report_metric_names": list(dict.fromkeys(n for e in rep.entries.values() for n in e.get("report", {}))),
+        "devices": [d.device_kind for d in jax.devices()],
+        "strategy": quant.auto_strategy() if c.strategy == "auto" else c.strategy,
     }
-    write_outputs(workdir, results, histories, ref_images, best_images, baseline_images, main, space, sites)
+    write_outputs(workdir, results, histories, rep.images, searches)
     return results
 
 
-def rescore(ctx: Context, result: dict, space: SearchSpace, name: str):
-    """Re-score the top-k of a search on `final_samples`; the best by that metric wins (TMPQ-DM Sec. 4)."""
-    c = ctx.config
-    top = top_unique(result, c.rescore_top_k)
-    if not top:
-        raise RuntimeError(f"search {name!r} found no feasible candidate in {c.generations} generations; raise the "
-                           "budget or use budget_mode='repair'")
-    genomes = [g for g, _ in top]
-    images, final = score_genomes(ctx, genomes, space, c.final_samples)
-    final = nan_to_inf(final)
-    i = int(np.argmin(final))
-    out = describe(ctx, genomes[i], space, top[i][1], final[i])
-    ranked = sorted(zip(final.tolist(), range(len(top))))
-    out["rescored"] = [{"rank_by_search": j, "metric": _num(m)} for m, j in ranked]
-    return out, images[i]
-
-
-def write_outputs(workdir: Path, results, histories, ref_images, best_images, baseline_images, main, space, sites):
+def write_outputs(workdir: Path, results: dict, histories: list, images: dict, searches: dict) -> None:
     checkpoint.write_json(workdir / "results.json", results)
     with open(workdir / "history.jsonl", "w") as f:
         for h in histories:
             f.write(json.dumps(h) + "\n")
-    sets = {"reference": ref_images, "best": best_images, **baseline_images}
-    for name, images in sets.items():
-        unit = data.to_unit_range(images)
+    for name, ims in images.items():
+        unit = data.to_unit_range(ims)
         np.savez_compressed(workdir / f"samples_{name}.npz", images=unit)
         save_grid(workdir / f"samples_{name}.png", unit[:100], ncols=10)
-    scatter = {"joint": main["log"], **{k: v["log"] for k, v in main.get("others", {}).items()}}
-    save_plots(workdir, histories, scatter, results)
+    save_plots(workdir, histories, {k: r.log for k, r in searches.items()}, results)
     print(summary_table(results), flush=True)
 
 
 def summary_table(results: dict) -> str:
-    """One row per final image set: BitOPs, reduction vs FP32, search metric and any report metrics."""
-    names = [results["metric_name"], *results.get("report_metric_names", [])]
+    """One row per reported candidate: BitOPs, reduction vs FP32, and each report metric (report noise)."""
+    names = results["report_metric_names"]
     rows = {"reference": results["reference"], "best": results["best"], **results["baselines"]}
     fp = results["reference"]["bitops"]
-    out = [f"{'':16s} {'BitOPs':>10s} {'vs FP32':>8s} " + " ".join(f"{n:>14s}" for n in names)]
+    out = [f"{'':16s} {'BitOPs':>10s} {'vs FP32':>8s} " + " ".join(f"{n:>18s}" for n in names)]
     for name, e in rows.items():
-        vals = [e["metric"], *[e.get("report_metrics", {}).get(n) for n in names[1:]]]
+        if e.get("infeasible"):
+            out.append(f"{name:16s} infeasible: {e['reason']}")
+            continue
+        vals = [e["report"].get(n, {}).get("value") for n in names]
         out.append(f"{name:16s} {e['bitops']:10.4g} {fp / e['bitops']:7.0f}x " +
-                   " ".join(f"{v:14.3f}" if v is not None else f"{'-':>14s}" for v in vals))
-    return f"final scores on {results['metric_samples']['final']} samples each:\n" + "\n".join(out)
+                   " ".join(f"{v:18.4f}" if v is not None else f"{'-':>18s}" for v in vals))
+    rep = results["noise"]["report"]
+    return (f"held-out report: n={rep['n']}, noise seed {rep['noise_seed']} (purpose 'report'), reference "
+            f"{results['references']['report']}:\n" + "\n".join(out))

@@ -1,0 +1,239 @@
+"""One resumable evolutionary search over a space: propose distinct candidates, repair them into the budget,
+score them with successive halving on the sample count, tell the algorithm, checkpoint every generation.
+
+- Distinct candidates: a genome already in this population or seen in an earlier generation is redrawn (at most
+  `max_redraw` rounds, like the reference code's visited set); what is left after that is scored from the
+  evaluator's cache and is not counted as new.
+- Multi-fidelity (successive halving, Jamieson & Talwalkar 2016): all candidates at n_0 samples, the best
+  `keep` fraction of them at n_1, and so on. The algorithm ranks candidates by the highest fidelity they reached,
+  then by their score there (a scalar: lower fidelities are offset by FIDELITY_OFFSET).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from tmpq_jax import checkpoint
+from tmpq_jax.search.budget import Budget
+from tmpq_jax.search.fitness import Evaluator, Metric, NoiseSet, nan_to_inf
+from tmpq_jax.search.space import Genome, SearchSpace
+
+FIDELITY_OFFSET = 1e12
+
+
+class ConfigChangedError(ValueError):
+    """--resume under settings that differ from the checkpoint's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """What one search needs beyond the algorithm: noise, fidelity levels, redraw bound, checkpoint."""
+
+    noise_seed: int
+    fidelity_samples: tuple[int, ...]  # ascending; the last is the search's full fidelity
+    fidelity_keep: float = 0.5
+    max_redraw: int = 8
+    seed: int = 0
+
+    def noise_sets(self) -> list[NoiseSet]:
+        return [NoiseSet(self.noise_seed, "fitness", n) for n in self.fidelity_samples]
+
+
+@dataclasses.dataclass
+class SearchResult:
+    name: str
+    space: SearchSpace
+    log: dict  # per generation and member: genomes, scores per level, rank, level, bitops, feasible, new, seconds
+    history: list
+
+    def top_unique(self, k: int) -> list[tuple[Genome, float]]:
+        """The k best distinct feasible genomes that reached full fidelity, with that fitness, best first."""
+        top_level = len(self.log["scores"][0, 0]) - 1
+        fit = np.where(self.log["level"] == top_level, self.log["scores"][..., top_level], np.nan).ravel()
+        fit = nan_to_inf(fit)
+        flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), self.log["genomes"])
+        out, seen = [], set()
+        for i in np.argsort(fit, kind="stable"):
+            if not np.isfinite(fit[i]) or len(out) == k:
+                break
+            g = jax.tree.map(lambda x: x[i], flat)
+            sig = genome_key(g)
+            if sig not in seen:
+                seen.add(sig)
+                out.append((g, float(fit[i])))
+        return out
+
+
+def genome_key(g: Genome) -> bytes:
+    return b"|".join(np.asarray(x, np.int32).tobytes() for x in jax.tree.leaves(g))
+
+
+def decode_np(space: SearchSpace, g: Genome):
+    """Host decode of a population: timesteps (P, N) descending, w_bits, a_bits (P, L)."""
+    ts = np.flip(np.asarray(space.starts, np.int32) + np.asarray(g.timestep_idx), axis=-1)
+    choices = np.asarray(space.bit_choices, np.int32)
+    return ts, choices[np.asarray(g.w_bit_idx)], choices[np.asarray(g.a_bit_idx)]
+
+
+def _rows(pop: Genome, idx) -> Genome:
+    return jax.tree.map(lambda x: np.asarray(x)[idx], pop)
+
+
+def _set_rows(pop: Genome, idx, new: Genome) -> Genome:
+    def put(x, y):
+        x = np.array(x, copy=True)
+        x[idx] = np.asarray(y)
+        return x
+    return jax.tree.map(put, pop, new)
+
+
+def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, max_redraw: int,
+            warm: Sequence[Genome] = ()):
+    """ask -> warm start -> repair -> redraw duplicates (bounded). Returns (pop, state, cost, feasible, new)."""
+    pop, state = ask(key, state)
+    pop = jax.tree.map(np.asarray, pop)
+    if warm:
+        pop = _set_rows(pop, slice(-len(warm), None), jax.tree.map(lambda *x: np.stack(x), *warm))
+    pop, cost, feasible = budget.repair(pop, space)
+
+    def duplicates(pop):
+        seen, dup = set(visited), []
+        for i in range(len(cost)):
+            k = genome_key(_rows(pop, i))
+            dup.append(k in seen)
+            seen.add(k)
+        return np.asarray(dup)
+
+    dup = duplicates(pop)
+    for r in range(max_redraw):
+        if not dup.any():
+            break
+        fresh, _ = ask(jax.random.fold_in(key, 1_000_003 + r), state)
+        fresh, f_cost, f_ok = budget.repair(jax.tree.map(np.asarray, fresh), space)
+        idx = np.flatnonzero(dup)
+        pop = _set_rows(pop, idx, _rows(fresh, idx))
+        cost[idx], feasible[idx] = f_cost[idx], f_ok[idx]
+        dup = duplicates(pop)
+    return pop, state, cost, feasible, ~dup
+
+
+def score_population(evaluator: Evaluator, metric: Metric, space: SearchSpace, pop: Genome, feasible,
+                     settings: SearchSettings):
+    """Successive halving over the fidelity levels: (scores (P, levels), level reached (P,), rank value (P,))."""
+    ts, wb, ab = decode_np(space, pop)
+    levels = settings.noise_sets()
+    p = len(ts)
+    scores = np.full((p, len(levels)), np.nan)
+    level = np.full(p, -1)
+    alive = np.flatnonzero(np.asarray(feasible))
+    for j, noise_set in enumerate(levels):
+        if j > 0:
+            prev = nan_to_inf(scores[alive, j - 1])
+            keep = max(1, math.ceil(len(alive) * settings.fidelity_keep))
+            alive = alive[np.argsort(prev, kind="stable")[:keep]]
+            alive = alive[np.isfinite(nan_to_inf(scores[alive, j - 1]))]
+        if not len(alive):
+            break
+        scores[alive, j] = evaluator.evaluate(ts[alive], wb[alive], ab[alive], noise_set, [metric])[:, 0]
+        level[alive] = j
+    top = len(levels) - 1
+    rank = np.full(p, np.inf)
+    for i in np.flatnonzero(level >= 0):
+        rank[i] = nan_to_inf(scores[i, level[i]]) + (top - level[i]) * FIDELITY_OFFSET
+    return scores, level, rank
+
+
+def _fill_cache(evaluator: Evaluator, metric: Metric, space: SearchSpace, log: dict, gen: int,
+                settings: SearchSettings) -> None:
+    """Put the scores of a finished generation back into the evaluator's cache (resume = uninterrupted run)."""
+    ts, wb, ab = decode_np(space, jax.tree.map(lambda x: x[gen], log["genomes"]))
+    from tmpq_jax.search.fitness import candidate_key
+
+    for i in range(len(ts)):
+        for j, noise_set in enumerate(settings.noise_sets()[: int(log["level"][gen, i]) + 1]):
+            evaluator.cache.setdefault((candidate_key(ts[i], wb[i], ab[i]), noise_set, metric.name),
+                                       float(log["scores"][gen, i, j]))
+
+
+def evolve(name: str, algo: Any, space: SearchSpace, budget: Budget, evaluator: Evaluator, metric: Metric,
+           settings: SearchSettings, generations: int, workdir: Path, fingerprint: dict, resume: bool = False,
+           warm: Sequence[Genome] = ()) -> SearchResult:
+    """Run `algo` (init/ask/tell) on `space` for `generations`; checkpoint to workdir/search_<name>.msgpack."""
+    key = jax.random.key(settings.seed)
+    ask, tell = jax.jit(algo.ask), jax.jit(algo.tell)
+    state = algo.init(key)
+    g, p, nl = generations, algo.population_size, len(settings.fidelity_samples)
+    log = {"genomes": jax.tree.map(lambda x: np.zeros((g, p, *x.shape), np.int32), space.seed()),
+           "scores": np.full((g, p, nl), np.nan), "level": np.full((g, p), -1), "rank": np.full((g, p), np.inf),
+           "bitops": np.zeros((g, p), np.int64), "feasible": np.zeros((g, p), bool), "new": np.zeros((g, p), bool),
+           "seconds": np.zeros(g)}
+    path = workdir / f"search_{name}.msgpack"
+    meta_path = path.with_suffix(".json")
+    start, visited = 0, set()
+    if resume and path.exists():
+        check_fingerprint(meta_path, fingerprint)
+        saved = checkpoint.load_tree(path, {"state": state, "log": log, "generation": 0})
+        state, start = jax.tree.map(jnp.asarray, saved["state"]), int(saved["generation"])
+        log = jax.tree.map(np.array, saved["log"])
+        for gen in range(start):
+            _fill_cache(evaluator, metric, space, log, gen, settings)
+            visited.update(genome_key(_rows(jax.tree.map(lambda x: x[gen], log["genomes"]), i)) for i in range(p))
+        print(f"[{name}] resumed after generation {start}/{g} from {path}", flush=True)
+    else:
+        checkpoint.write_json(meta_path, fingerprint)
+    bar = tqdm(range(start, g), desc=f"search {name}", unit="gen", initial=start, total=g)
+    for gen in bar:
+        t0 = time.time()
+        k = jax.random.fold_in(key, gen)
+        pop, state, cost, feasible, new = propose(ask, k, state, space, budget, visited, settings.max_redraw,
+                                                  warm if gen == 0 else ())
+        scores, level, rank = score_population(evaluator, metric, space, pop, feasible, settings)
+        state = tell(k, jax.tree.map(jnp.asarray, pop), jnp.asarray(np.minimum(rank, 3e38), jnp.float32), state)
+        for dst, src in zip(jax.tree.leaves(log["genomes"]), jax.tree.leaves(pop)):
+            dst[gen] = src
+        log["scores"][gen], log["level"][gen], log["rank"][gen] = scores, level, rank
+        log["bitops"][gen], log["feasible"][gen], log["new"][gen] = cost, feasible, new
+        log["seconds"][gen] = time.time() - t0
+        visited.update(genome_key(_rows(pop, i)) for i in range(p))
+        checkpoint.save_tree(path, {"state": state, "log": log, "generation": gen + 1})
+        h = _history_row(name, log, gen)
+        with open(workdir / "history.jsonl", "a") as f:  # live progress; rewritten in full at the end
+            f.write(json.dumps(h) + "\n")
+        bar.set_postfix(best=f"{h['best']:.4g}", new=h["new"], feasible=f"{h['feasible_fraction']:.2f}")
+    bar.close()
+    return SearchResult(name, space, log, [_history_row(name, log, gen) for gen in range(g)])
+
+
+def _history_row(name: str, log: dict, gen: int) -> dict:
+    top = log["scores"].shape[-1] - 1
+    full = np.where(log["level"][: gen + 1] == top, log["scores"][: gen + 1, :, top], np.nan)
+    this = full[-1][np.isfinite(full[-1])]
+    seen = full[np.isfinite(full)]
+    return {"search": name, "generation": gen, "best": float(seen.min()) if seen.size else math.inf,
+            "median": float(np.median(this)) if this.size else None,
+            "feasible_fraction": float(np.mean(log["feasible"][gen])), "new": int(log["new"][gen].sum()),
+            "seconds": float(log["seconds"][gen])}
+
+
+def check_fingerprint(path: Path, fingerprint: dict) -> None:
+    """Refuse to resume under changed settings; name every differing field."""
+    if not path.exists():
+        raise ConfigChangedError(f"cannot resume: {path} (the settings of the checkpointed search) is missing; "
+                                 "start a new search in a fresh workdir")
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(fingerprint, default=str))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in diff[:8])
+        raise ConfigChangedError(f"cannot resume the search in {path.parent}: settings changed ({shown}). Resume "
+                                 "with the original settings, or start a fresh workdir")
