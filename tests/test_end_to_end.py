@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _search(work, *flags):
     cmd = [sys.executable, str(ROOT / "experiments" / "search.py"), "--config",
            str(ROOT / "experiments" / "configs" / "tiny.py"), "--workdir", str(work),
-           f"--config.fid_reference={work.parent / 'fid_reference.npz'}", *flags]
+           f"--config.report_reference={work.parent / 'fid_reference.npz'}", *flags]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
 
 
@@ -35,38 +35,59 @@ def tiny_run(tmp_path_factory, fid_cache):
 def test_search_writes_results_with_all_fields(tiny_run):
     work, r, _ = tiny_run
     for key in ("config", "model", "reference", "budget_bitops", "best", "baselines", "history", "timing",
-                "metric_name", "metric_samples"):
+                "metric_name", "noise", "references"):
         assert key in r, key
     m = r["model"]
     assert m["name"] == "mnist-small" and m["sample_shape"] == [28, 28, 1] and 1e6 < m["params"] < 2e6
     assert m["unet_config"]["block_out_channels"] == [32, 64, 64]
     assert sum(m["sites"].values()) == m["macs_per_step"]
-    assert set(r["reference"]) >= {"steps", "timesteps", "bitops", "fitness", "metric"}
-    fields = {"timesteps", "w_bits", "a_bits", "bitops", "bitops_reduction", "fitness", "metric"}
-    assert set(r["best"]) >= fields
-    assert set(r["baselines"]) == {"uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only"}
+    assert set(r["reference"]) >= {"steps", "timesteps", "bitops", "report"}
+    fields = {"timesteps", "w_bits", "a_bits", "bitops", "bitops_reduction", "search", "report"}
+    assert set(r["baselines"]) == {"uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits"}
     for entry in [r["best"], *r["baselines"].values()]:
         assert set(entry) >= fields
         assert set(entry["w_bits"]) == set(m["sites"]) and set(entry["a_bits"]) == set(m["sites"])
         assert len(entry["timesteps"]) == r["config"]["num_steps"]
         assert entry["bitops_reduction"] == pytest.approx(r["reference"]["bitops"] / entry["bitops"])
-    assert r["best"]["bitops"] <= r["budget_bitops"] * (1 + 1e-6)
+    # exact integer budgets, no tolerance
+    assert isinstance(r["budget_bitops"], int) and r["best"]["bitops"] <= r["budget_bitops"]
+    assert r["baselines"]["uniform_w6a6"]["bitops"] == r["budget_bitops"]
     assert r["baselines"]["uniform_w8a8"]["bitops"] > r["budget_bitops"]
-    assert all(set(e["w_bits"].values()) == {6} for e in [r["baselines"]["timestep_only"]])
+    assert r["baselines"]["greedy_bits"]["bitops"] <= r["budget_bitops"]
+    # single-axis searches stay in their spaces
+    assert set(r["baselines"]["timestep_only"]["w_bits"].values()) == {6}
     assert r["baselines"]["precision_only"]["timesteps"] == r["baselines"]["uniform_w6a6"]["timesteps"]
     assert len(r["history"]) == r["config"]["generations"]
-    assert set(r["history"][0]) >= {"generation", "best", "median", "feasible_fraction"}
+    assert set(r["history"][0]) >= {"generation", "best", "median", "feasible_fraction", "new"}
     assert r["timing"]["candidates_per_second"] > 0
-    assert r["metric_name"] == "classifier_fd" and r["metric_samples"]["search"] == 8
+    assert r["metric_name"] == "classifier_fd" and r["noise"]["fitness"]["n"] == 8
+
+
+def test_reported_numbers_are_on_held_out_noise_and_data(tiny_run):
+    work, r, _ = tiny_run
+    noise = r["noise"]
+    assert noise["fitness"]["noise_purpose"] == "fitness" and noise["select"]["noise_purpose"] == "select"
+    assert noise["report"]["noise_purpose"] == "report"
+    assert r["references"] == {"fitness": "mnist-fitness", "report": r["config"]["report_reference"]}
+    for entry in [r["reference"], r["best"], *r["baselines"].values()]:
+        for metric, rep in entry["report"].items():
+            assert rep["n"] == r["config"]["final_samples"] and rep["noise_purpose"] == "report"
+            assert rep["noise_seed"] == r["config"]["report_noise_seed"]
+            assert rep["reference"] == r["config"]["report_reference"]
+    assert r["best"]["search"]["selection"] is not None  # chosen on the select noise, reported on another
+    # the FP reference images are the report noise's, not the fitness noise's
+    ref = np.load(work / "samples_reference.npz")["images"]
+    teacher = [p for p in work.glob("teacher_fitness_*.npz")]
+    assert not teacher or not np.allclose(np.load(teacher[0])["images"][:8], ref[:8] * 2 - 1)
 
 
 def test_search_reports_inception_fid_of_the_final_sets(tiny_run, fid_cache):
     work, r, out = tiny_run
-    assert r["report_metric_names"] == ["inception_fid"]
+    assert r["report_metric_names"] == ["classifier_fd", "inception_fid"]
     entries = {"reference": r["reference"], "best": r["best"], **r["baselines"]}
-    values = {k: e["report_metrics"]["inception_fid"] for k, e in entries.items()}
+    values = {k: e["report"]["inception_fid"]["value"] for k, e in entries.items()}
     assert all(v is not None and v > 0 for v in values.values()), values
-    assert "inception_fid" in out.stdout.split("final scores")[1]
+    assert "inception_fid" in out.stdout.split("held-out report")[1]
     # the reported number is the FID of the saved samples against the reference, as the CLI computes it
     cli = subprocess.run([sys.executable, str(ROOT / "experiments" / "fid.py"), "fid", str(work / "samples_best.npz"),
                           str(work.parent / "fid_reference.npz"), "--batch_size", "12", f"--cache_dir={fid_cache}",
@@ -77,7 +98,7 @@ def test_search_reports_inception_fid_of_the_final_sets(tiny_run, fid_cache):
 
 def test_search_writes_samples_plots_and_checkpoints(tiny_run):
     work, r, _ = tiny_run
-    for name in ("reference", "best", "uniform_w6a6", "timestep_only", "precision_only"):
+    for name in ("reference", "best", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits"):
         images = np.load(work / f"samples_{name}.npz")["images"]
         assert images.shape == (r["config"]["final_samples"], 28, 28, 1)
         assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.1
@@ -86,7 +107,14 @@ def test_search_writes_samples_plots_and_checkpoints(tiny_run):
         assert (work / png).stat().st_size > 5000
     lines = (work / "history.jsonl").read_text().splitlines()
     assert len(lines) == 3 * r["config"]["generations"]
-    assert (work / "search_joint.msgpack").exists()
+    assert (work / "search_joint.msgpack").exists() and (work / "search_joint.json").exists()
+
+
+def test_resume_under_a_changed_config_fails_before_searching(tiny_run):
+    work, r, _ = tiny_run
+    out = _search(work, "--resume", "--config.search_samples=6")
+    assert out.returncode != 0
+    assert "settings changed (search_samples: checkpoint 8 vs now 6)" in out.stderr
 
 
 @pytest.mark.slow
@@ -135,4 +163,4 @@ def test_search_with_inception_fid_as_fitness(tmp_path, fid_cache):
     assert r["metric_name"] == "inception_fid" and r["report_metric_names"] == ["classifier_fd"]
     fits = [h["best"] for h in r["history"]]
     assert all(np.isfinite(fits)) and fits == sorted(fits, reverse=True)
-    assert r["best"]["metric"] > 0 and r["best"]["report_metrics"]["classifier_fd"] > 0
+    assert r["best"]["search"]["fitness"] > 0 and r["best"]["report"]["classifier_fd"]["value"] > 0

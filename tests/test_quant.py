@@ -174,8 +174,9 @@ def test_uncalibrated_bits_raise_at_public_entry_points(tiny):
 
 
 def test_bit_row_flags_uncalibrated_bits_when_traced(tiny):
-    rows = jax.jit(tiny.tables.bit_row)(jnp.asarray([2, 4, 5, 8, 16, 3, 17]))
-    np.testing.assert_array_equal(rows, [0, 1, 5, 3, 4, 5, 0])  # 5: one past the 5 rows; 17 passes through
+    bits = jnp.asarray([[2, 4, 5, 8], [16, 3, 17, 6]])
+    rows = jax.jit(jax.vmap(tiny.tables.bit_row))(bits)
+    np.testing.assert_array_equal(rows, [[0, 1, 5, 3], [4, 5, 0, 2]])  # 5: one past the 5 rows; 17 passes through
 
 
 def test_traced_uncalibrated_bits_give_nan_not_row_0(tiny):
@@ -183,20 +184,25 @@ def test_traced_uncalibrated_bits_give_nan_not_row_0(tiny):
     w, a = uniform(tiny, 8, 8)
     x, t = tiny.noise, jnp.full((4,), 321)
 
+    def gather(w_bits, a_bits):
+        return quant.gather_candidate(tiny.tables, tiny.sites, w_bits, a_bits)
+
     @jax.jit
-    def forward(w_bits, a_bits):
-        cand = quant.gather_candidate(tiny.tables, tiny.sites, w_bits, a_bits)
-        return cand, quant.quantized_apply(tiny.apply, tiny.sites, cand)(
+    def forward(w_bits, a_bits):  # bits traced: no concrete check can run
+        cand = gather(w_bits, a_bits)
+        return quant.quantized_apply(tiny.apply, tiny.sites, cand)(
             quant.quantize_params(tiny.params, tiny.sites, cand), x, t, tiny.labels)
 
-    pop_w = jnp.stack([w, w.at[i].set(5), w])
-    pop_a = jnp.stack([a, a, a.at[i].set(3)])
-    cands, outs = jax.vmap(forward)(pop_w, pop_a)  # bits traced (and batched): no concrete check can run
-    assert np.isfinite(outs[0]).all()
-    assert np.isnan(outs[1]).all() and np.isnan(outs[2]).all()
+    assert np.isfinite(forward(w, a)).all()
+    assert np.isnan(forward(w.at[i].set(5), a)).all()  # the old argmax gathered the 2-bit row: finite output
+    assert np.isnan(forward(w, a.at[i].set(3))).all()
+    # batched (vmap) over a population: only the uncalibrated site's parameters are NaN
+    cands = jax.jit(jax.vmap(gather))(jnp.stack([w, w.at[i].set(5), w]), jnp.stack([a, a, a.at[i].set(3)]))
     assert np.isnan(cands.w_clip[path][1]).all() and np.isfinite(cands.w_clip[path][jnp.asarray([0, 2])]).all()
-    assert np.isnan(cands.a_range[2, i]).all()
-    assert np.isfinite(np.delete(cands.a_range[2], i, axis=0)).all()  # only the uncalibrated site is poisoned
+    assert np.isnan(cands.w_range[1, i]).all() and np.isnan(cands.a_range[2, i]).all()
+    others = np.delete(np.arange(len(tiny.sites)), i)
+    assert np.isfinite(cands.a_range[:, others]).all() and np.isfinite(cands.w_range[:, others]).all()
+    assert all(np.isfinite(v).all() for k, v in cands.w_clip.items() if k != path)
 
 
 def test_16_bits_pass_through_without_a_16_row(tiny):
@@ -225,6 +231,12 @@ def test_16_bits_pass_through_without_a_16_row(tiny):
         np.testing.assert_array_equal(q, p)
     for ops in (a_ops, w_ops):
         np.testing.assert_array_equal(ops, jnp.broadcast_to(x, ops.shape))
+    # their gathered parameters are finite (not the NaN of an uncalibrated bit-width): gradients stay clean
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(cand))
+    grads = jax.jit(jax.grad(lambda prm: sum(jnp.sum(leaf) for leaf in jax.tree.leaves(quant.quantize_params(
+        prm, tiny.sites, quant.gather_candidate(no16, tiny.sites, w, a))))))(tiny.params)
+    for g in jax.tree.leaves(grads):
+        np.testing.assert_array_equal(g, jnp.ones_like(g))
 
 
 def test_load_tables_rejects_non_finite(tmp_path, tiny):

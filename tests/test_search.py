@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tmpq_jax import quant
-from tmpq_jax.search import EvolutionSearch, EvosaxSearch, Genome, SearchSpace, crossover, make_repair, mutate
+from tmpq_jax.search import EvolutionSearch, EvosaxSearch, Genome, SearchSpace, crossover, mutate, repeats
 from tmpq_jax.search import run as run_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,26 +85,6 @@ def test_operators_respect_groups_and_choices():
     assert int(jnp.max(m.timestep_idx)) == 0 and int(jnp.max(m.w_bit_idx)) > 0
 
 
-def sites_with_macs(macs):
-    return quant.SiteTable(tuple(quant.Site(f"site{i}", "conv", int(m), 1) for i, m in enumerate(macs)))
-
-
-def test_repair_never_exceeds_budget_and_lowers_costliest():
-    sites = sites_with_macs([1000, 10, 10, 500, 10, 10, 10])
-    budget = float(make_repair(SPACE, sites, 0.0).bitops(SPACE.uniform_bits(6)))
-    repair = jax.jit(jax.vmap(make_repair(SPACE, sites, budget)))
-    pop = jax.vmap(SPACE.random)(jax.random.split(jax.random.key(3), 300))
-    pop = pop.replace(w_bit_idx=jnp.zeros_like(pop.w_bit_idx))  # all 8-bit weights: mostly over budget
-    fixed_pop, bitops, feasible = repair(pop)
-    assert bool(jnp.all(feasible)) and float(jnp.max(bitops)) <= budget
-    all8 = SPACE.uniform_bits(8)
-    g, b, ok = make_repair(SPACE, sites, budget)(all8)
-    assert bool(ok) and int(g.w_bit_idx[0]) > 0 and int(g.w_bit_idx[1]) == 0  # the big site paid first
-    # an impossible budget: bounded loop, reported infeasible
-    g, b, ok = make_repair(SPACE, sites, 1.0)(all8)
-    assert not bool(ok) and int(jnp.min(g.w_bit_idx)) == 3
-
-
 def test_nan_fitness_is_infeasible():
     algo = ALGORITHMS[0]
     key = jax.random.key(4)
@@ -145,6 +125,24 @@ def test_bad_algorithm_settings(field, value, msg):
         EvolutionSearch(**kwargs)
 
 
+
+
+def test_tell_keeps_distinct_parents():
+    algo = EvolutionSearch(SPACE, 6, 4, 2, 1)
+    state = algo.init(jax.random.key(5))
+    pop, state = algo.ask(jax.random.key(5), state)
+    twice = jax.tree.map(lambda x: jnp.concatenate([x[:3], x[:3]]), pop)  # every genome twice
+    assert np.asarray(repeats(twice)).tolist() == [False] * 3 + [True] * 3
+    state = algo.tell(jax.random.key(5), twice, jnp.asarray([1.0, 2.0, 3.0, 1.0, 2.0, 3.0]), state)
+    kept = np.asarray(state.top_fitness)
+    assert kept[:3].tolist() == [1.0, 2.0, 3.0] and np.isinf(kept[3])
+    flat = np.concatenate([np.asarray(x)[:3].reshape(3, -1) for x in jax.tree.leaves(state.top_genomes)], 1)
+    assert len({r.tobytes() for r in flat}) == 3
+
+
+# --- config validation (before any expensive step) ---------------------------------------------------------------
+
+
 def _config():
     sys.path.insert(0, str(ROOT / "experiments" / "configs"))
     import tiny
@@ -152,109 +150,51 @@ def _config():
     return tiny.get_config()
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("num_steps", 0, r"num_steps=0 is invalid; valid: an integer in \[1, 1000\]"),
-    ("budget_bits", 4, r"budget_bits=4 is invalid; valid: one of bit_choices"),
-    ("search_samples", 1, "search_samples=1"), ("strategy", "fast", "strategy='fast'"),
-    ("budget_mode", "clamp", "budget_mode='clamp'"), ("model", "nope", "unknown model 'nope'"),
-    ("baselines", ["random"], "unknown entry 'random'"), ("bit_choices", [8, 32], r"\[32\] outside")])
-def test_bad_config_values(field, value, msg):
+@pytest.mark.parametrize("changes,msg", [
+    (dict(num_steps=0), r"num_steps=0 is invalid; valid: an integer in \[1, 1000\]"),
+    (dict(budget_bits=4), r"budget_bits=4 is invalid; valid: one of bit_choices"),
+    (dict(budget_bitops=-1), r"budget_bitops=-1 is invalid; valid: a whole number"),
+    (dict(search_samples=1), "search_samples=1"),
+    (dict(search_samples=20), r"select_samples=10 is invalid; valid: >= search_samples=20"),
+    (dict(final_samples=4), r"final_samples=4 is invalid; valid: >= search_samples=8"),
+    (dict(fidelity_samples=(8, 4)), "fidelity_samples"),
+    (dict(fidelity_samples=(2, 6)), r"ending at search_samples=8"),
+    (dict(fidelity_keep=0.0), r"fidelity_keep=0.0 is invalid; valid: in \(0, 1\]"),
+    (dict(sample_batch=0), r"sample_batch=0 is invalid; valid: an integer >= 1"),
+    (dict(fid_batch=0), "fid_batch=0"),
+    (dict(strategy="fast"), "strategy='fast'"),
+    (dict(model="nope"), "unknown model 'nope'"),
+    (dict(baselines=("random",)), "unknown entry 'random'"),
+    (dict(bit_choices=(8, 32)), r"\[32\] outside"),
+    (dict(metric="fid"), "unknown metric 'fid'"),
+    (dict(report_metrics=("nope",)), "config.report_metrics has unknown metric 'nope'"),
+    (dict(fitness_reference="mnist-heldout"), "equals config.report_reference"),
+    (dict(model="cifar-ddpm"), r"config.metric='classifier_fd' uses the MNIST classifier, but the model makes "
+                               r"\(32, 32, 3\) samples"),
+    (dict(model="cifar-ddpm", metric="teacher_mse", report_metrics=("inception_fid",)),
+     r"would compare \(32, 32, 3\) samples with the MNIST reference 'mnist-heldout'"),
+    (dict(num_mutation=4), r"num_mutation \+ num_crossover=5 is invalid"),
+    (dict(algorithm="CMA-ES"), "evosax has no algorithm 'CMA-ES'"),
+])
+def test_bad_config_values(changes, msg):
     c = _config()
-    c[field] = value
+    for k, v in changes.items():
+        c[k] = v
     with pytest.raises(ValueError, match=msg):
+        run_mod.validate_config(c)
+
+
+def test_default_configs_validate():
+    sys.path.insert(0, str(ROOT / "experiments" / "configs"))
+    import default
+    import paper
+
+    for c in (default.get_config(), paper.get_config(), _config()):
         run_mod.validate_config(c)
 
 
 def test_impossible_budget_is_a_clear_error(tmp_path):
     c = _config()
-    c.budget_bitops = 1.0
+    c.budget_bitops = 1
     with pytest.raises(ValueError, match="budget 1 BitOPs is impossible: the cheapest candidate"):
         run_mod.run_search(c, str(tmp_path))
-
-
-# --- resume, on a stub evaluator (no UNet) -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class StubEvaluator:
-    calls: int = 0
-    sampled: list = dataclasses.field(default_factory=list)
-    fail_at: int = -1
-    strategy: str = "loop"
-
-    def sample(self, ts, wb, ab, n):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise KeyboardInterrupt("simulated interruption")
-        self.sampled += [(tuple(t), tuple(w), tuple(a)) for t, w, a in zip(np.asarray(ts), np.asarray(wb),
-                                                                          np.asarray(ab))]
-        return np.asarray(jnp.sum(ts, -1) * 1e-3 + jnp.sum(wb * ab, -1) * 1e-2)
-
-    def score(self, images):
-        out = np.array(images, np.float64)
-        out[np.round(out * 1e3) % 3 == 0] = np.nan  # a fixed subset of candidates "breaks"
-        return out
-
-
-def _ctx(tmp_path, evaluator):
-    c = _config()
-    c.generations, c.population_size, c.num_parents, c.num_mutation, c.num_crossover = 5, 8, 3, 3, 2
-    space = SearchSpace.create(4, 6)
-    sites = sites_with_macs(np.arange(1, 7) * 100)
-    budget = float(make_repair(space, sites, 0).bitops(space.uniform_bits(6)))
-    return run_mod.Context(c, tmp_path, sites, space, evaluator, make_repair(space, sites, budget), budget,
-                           {}), space
-
-
-def test_interrupted_search_resumes_to_the_same_result(tmp_path):
-    ctx, space = _ctx(tmp_path / "a", StubEvaluator())
-    (tmp_path / "a").mkdir()
-    straight = run_mod.evolve(ctx, "joint", space, resume=False)
-
-    (tmp_path / "b").mkdir()
-    ctx_b, _ = _ctx(tmp_path / "b", StubEvaluator(fail_at=3))
-    with pytest.raises(KeyboardInterrupt):
-        run_mod.evolve(ctx_b, "joint", space, resume=False)
-    ctx_b.evaluator = StubEvaluator()
-    resumed = run_mod.evolve(ctx_b, "joint", space, resume=True)
-    assert ctx_b.evaluator.calls == 3  # generations 0 and 1 were not redone
-    np.testing.assert_array_equal(resumed["log"]["fitness"], straight["log"]["fitness"])
-    for a, b in zip(jax.tree.leaves(resumed["log"]["genomes"]), jax.tree.leaves(straight["log"]["genomes"])):
-        np.testing.assert_array_equal(a, b)
-    assert [h["best"] for h in resumed["history"]] == [h["best"] for h in straight["history"]]
-    assert all(math.isfinite(h["best"]) for h in straight["history"])
-    assert np.isinf(straight["log"]["fitness"]).any()  # NaN scores became infeasible
-
-
-def test_search_samples_each_distinct_candidate_once(tmp_path):
-    (tmp_path / "a").mkdir()
-    ctx, space = _ctx(tmp_path / "a", StubEvaluator())
-    result = run_mod.evolve(ctx, "joint", space, resume=False)
-    decoded = jax.vmap(jax.vmap(space.decode))(result["log"]["genomes"])
-    seen = {(tuple(t), tuple(w), tuple(a)) for t, w, a in zip(*(np.asarray(x).reshape(-1, x.shape[-1])
-                                                                for x in decoded))}
-    assert len(ctx.evaluator.sampled) == len(set(ctx.evaluator.sampled)) == len(seen)
-    assert len(seen) < result["log"]["fitness"].size  # the population did repeat candidates
-    # a repeated candidate has the same fitness wherever it appears
-    fit = result["log"]["fitness"].ravel()
-    keys = [(tuple(t), tuple(w), tuple(a)) for t, w, a in zip(*(np.asarray(x).reshape(-1, x.shape[-1])
-                                                                for x in decoded))]
-    for k in set(keys):
-        vals = {fit[i] for i, kk in enumerate(keys) if kk == k}
-        assert len(vals) == 1
-
-
-@pytest.mark.parametrize("strategy,sizes", [("loop", [2, 1]), ("map", [4, 4])])
-def test_memo_keeps_batched_population_sizes(tmp_path, strategy, sizes):
-    ctx, space = _ctx(tmp_path, StubEvaluator(strategy=strategy))
-    ts = np.array([[4, 3, 2, 1], [4, 3, 2, 0], [4, 3, 2, 1], [5, 3, 2, 1]])
-    bits = np.full((4, 6), 6)
-    calls = []
-    sample = ctx.evaluator.sample
-    ctx.evaluator.sample = lambda t, w, a, n: calls.append(len(t)) or sample(t, w, a, n)
-    first = run_mod.evaluate(ctx, ts[:3], bits[:3], bits[:3], 8)  # rows 0 and 2 are the same candidate
-    second = run_mod.evaluate(ctx, ts, bits, bits, 8, feasible=np.array([True, True, False, True]))
-    assert calls == [sizes[0] if strategy == "loop" else 3, sizes[1]]
-    assert first[0] == first[2]
-    np.testing.assert_array_equal(second[:2], first[:2])  # from the memo (NaN stays NaN)
-    assert np.isinf(second[2])

@@ -120,7 +120,10 @@ class EvolutionSearch:
         del key
         fitness = clean_fitness(fitness)
         all_g = _stack([state.top_genomes, population])
-        all_f = jnp.where(repeats(all_g), jnp.inf, jnp.concatenate([state.top_fitness, fitness]))
+        all_f = jnp.concatenate([state.top_fitness, fitness])
+        by_fit = jnp.argsort(all_f, stable=True)  # best first, so a repeat keeps its best-scored copy
+        all_g = jax.tree.map(lambda x: x[by_fit], all_g)
+        all_f = jnp.where(repeats(all_g), jnp.inf, all_f[by_fit])
         order = jnp.argsort(all_f, stable=True)[: self.num_parents]
         return EvoState(jax.tree.map(lambda x: x[order], all_g), all_f[order], state.generation + 1)
 

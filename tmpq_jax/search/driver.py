@@ -99,7 +99,8 @@ def _set_rows(pop: Genome, idx, new: Genome) -> Genome:
 
 def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, max_redraw: int,
             warm: Sequence[Genome] = ()):
-    """ask -> warm start -> repair -> redraw duplicates (bounded). Returns (pop, state, cost, feasible, new)."""
+    """ask -> warm start -> repair -> redraw duplicates (bounded: half the rounds from `ask` with fresh keys, then
+    uniform random candidates). Returns (pop, state, cost, feasible, new)."""
     pop, state = ask(key, state)
     pop = jax.tree.map(np.asarray, pop)
     if warm:
@@ -118,7 +119,11 @@ def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, m
     for r in range(max_redraw):
         if not dup.any():
             break
-        fresh, _ = ask(jax.random.fold_in(key, 1_000_003 + r), state)
+        k = jax.random.fold_in(key, 1_000_003 + r)
+        if r < max_redraw // 2:  # first the algorithm's own proposals, then uniform random candidates
+            fresh, _ = ask(k, state)
+        else:
+            fresh = jax.vmap(space.random)(jax.random.split(k, len(cost)))
         fresh, f_cost, f_ok = budget.repair(jax.tree.map(np.asarray, fresh), space)
         idx = np.flatnonzero(dup)
         pop = _set_rows(pop, idx, _rows(fresh, idx))

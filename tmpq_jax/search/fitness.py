@@ -61,7 +61,8 @@ def _inception(cache: str, batch: int):
                            "--config.metric that does not use Inception") from e
 
 
-def _inception_of(config):
+def inception_extractor(config):
+    """The FID Inception feature extractor of a config (fid_cache, fid_batch), loaded once."""
     return _inception(_get(config, "fid_cache", ""), int(_get(config, "fid_batch", 50)))
 
 
@@ -158,21 +159,21 @@ def _frechet(name, features_of, reference_features_of):
 def _inception_fid(config, reference):
     from tmpq_jax.metrics.fid import reference_stats
 
-    ext = _inception_of(config)
+    ext = inception_extractor(config)
     return ReferenceFrechet("inception_fid", _inception_images(config),
                             metrics.FrechetToReference(*reference_stats(reference, ext, _get(config, "fid_cache", "")
                                                                         or None)))
 
 
 def _inception_images(config):
-    ext = _inception_of(config)
+    ext = inception_extractor(config)
     return lambda images: ext.features(data.to_unit_range(images), progress=False)
 
 
 def _inception_reference(config, reference):
     from tmpq_jax.metrics.fid import reference_features
 
-    return reference_features(reference, _inception_of(config), _get(config, "fid_cache", "") or None)
+    return reference_features(reference, inception_extractor(config), _get(config, "fid_cache", "") or None)
 
 
 @dataclasses.dataclass(frozen=True)

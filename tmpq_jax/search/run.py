@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from tmpq_jax import checkpoint, data, diffusion, models, quant
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
-from tmpq_jax.search.driver import SearchResult, SearchSettings, decode_np, evolve
+from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve
 from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, check_metric_for_model, make_metric,
                                      nan_to_inf)
 from tmpq_jax.search.space import Genome, SearchSpace
@@ -421,6 +421,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
         jax.distributed.initialize()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if resume:  # refuse a changed config before any long work
+        fp = fingerprint(c, _sha(c.checkpoint))
+        for path in sorted(workdir.glob("search_*.json")):
+            check_fingerprint(path, fp)
     timing: dict[str, float] = {}
     t_all = t0 = time.time()
 

@@ -1,0 +1,140 @@
+"""The search driver on a cheap stand-in sampler (no UNet): distinct populations, the cache, successive halving,
+resume and the resume fingerprint."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tmpq_jax import quant
+from tmpq_jax.search import Budget, EvolutionSearch, SearchSpace
+from tmpq_jax.search.driver import ConfigChangedError, SearchSettings, decode_np, evolve, genome_key
+from tmpq_jax.search.fitness import Evaluator, NoiseSet
+
+SPACE = SearchSpace.create(4, 6)
+SITES = quant.SiteTable(tuple(quant.Site(f"site{i}", "conv", 100 * (i + 1), 1) for i in range(6)))
+BUDGET = Budget.create(SITES, SPACE)
+
+
+@dataclasses.dataclass
+class FakeEvaluator(Evaluator):
+    """The real cache and scoring logic; `sample` returns one number per candidate and sample instead of images."""
+
+    sample_calls: list = dataclasses.field(default_factory=list)
+    fail_at: int = -1
+
+    def __post_init__(self):
+        pass
+
+    def sample(self, ts, wb, ab, noise_set):
+        self.sample_calls.append((len(ts), noise_set.n))
+        if len(self.sample_calls) == self.fail_at:
+            raise KeyboardInterrupt("simulated interruption")
+        self.sampled += len(ts)
+        value = np.asarray(ts).sum(-1) * 1e-3 + (np.asarray(wb) * np.asarray(ab)).sum(-1) * 1e-2
+        noise = np.random.default_rng(noise_set.n).normal(size=noise_set.n) * 0.05
+        return value[:, None] + noise[None, :]
+
+
+@dataclasses.dataclass
+class MeanMetric:
+    name: str = "mean"
+    paired: bool = False
+
+    def __call__(self, images, teacher=None):
+        v = float(np.mean(images))
+        return float("nan") if round(v * 1e3) % 7 == 0 else v  # a fixed subset of candidates "breaks"
+
+
+def fake_evaluator(**kw):
+    return FakeEvaluator(None, SITES, None, None, (1,), 0, strategy="loop", **kw)
+
+
+def run(tmp_path, evaluator, generations=5, resume=False, fidelity=(8,), fingerprint=None, pop=8):
+    algo = EvolutionSearch(SPACE, pop, 3, 3, 2)
+    settings = SearchSettings(0, fidelity, 0.5, 8, 0)
+    return evolve("joint", algo, SPACE, BUDGET, evaluator, MeanMetric(), settings, generations, tmp_path,
+                  fingerprint or {"a": 1}, resume)
+
+
+def keys_of(result, gen):
+    return [genome_key(jax.tree.map(lambda x: x[gen, i], result.log["genomes"]))
+            for i in range(result.log["genomes"].timestep_idx.shape[1])]
+
+
+def test_populations_have_no_duplicates_and_never_repeat_earlier_generations(tmp_path):
+    result = run(tmp_path, fake_evaluator(), generations=6)
+    seen = set()
+    for gen in range(6):
+        keys = keys_of(result, gen)
+        assert len(set(keys)) == len(keys), f"duplicate genome in generation {gen}"
+        assert not seen & set(keys), f"generation {gen} repeats an earlier genome"
+        assert result.log["new"][gen].all()
+        seen |= set(keys)
+    assert all(h["new"] == 8 for h in result.history)
+
+
+def test_each_distinct_candidate_is_sampled_once(tmp_path):
+    ev = fake_evaluator()
+    result = run(tmp_path, ev, generations=4)
+    assert ev.sampled == int(result.log["feasible"].sum())  # all distinct, so every feasible one once
+    # scoring the same candidates again hits the cache
+    ts, wb, ab = decode_np(SPACE, jax.tree.map(lambda x: x[0], result.log["genomes"]))
+    before = ev.sampled
+    again = ev.evaluate(ts, wb, ab, NoiseSet(0, "fitness", 8), [MeanMetric()])
+    assert ev.sampled == before
+    np.testing.assert_array_equal(again[:, 0], result.log["scores"][0, :, 0])
+
+
+def test_successive_halving_scores_the_best_half_at_full_fidelity(tmp_path):
+    ev = fake_evaluator()
+    result = run(tmp_path, ev, generations=3, fidelity=(4, 16))
+    for gen in range(3):
+        low = result.log["scores"][gen, :, 0]
+        full = result.log["level"][gen] == 1
+        n_low = int((result.log["level"][gen] >= 0).sum())
+        assert full.sum() == min(int(np.ceil(n_low * 0.5)), int(np.isfinite(low).sum()))
+        # those promoted are the best at the low fidelity
+        promoted, rest = low[full], low[(result.log["level"][gen] == 0) & np.isfinite(low)]
+        assert rest.size == 0 or promoted.max() <= rest.min()
+        # rank: full-fidelity candidates first
+        rank = result.log["rank"][gen]
+        fin = np.isfinite(rank)
+        assert rank[full & fin].max() < rank[~full & fin].min()
+    assert {n for _, n in ev.sample_calls} == {4, 16}
+
+
+def test_interrupted_search_resumes_to_the_same_result(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = run(tmp_path / "a", fake_evaluator())
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", fake_evaluator(fail_at=3))
+    ev = fake_evaluator()
+    resumed = run(tmp_path / "b", ev, resume=True)
+    assert len(ev.sample_calls) == 3  # generations 0 and 1 were not redone
+    np.testing.assert_array_equal(resumed.log["scores"], straight.log["scores"])
+    for a, b in zip(jax.tree.leaves(resumed.log["genomes"]), jax.tree.leaves(straight.log["genomes"])):
+        np.testing.assert_array_equal(a, b)
+    assert [h["best"] for h in resumed.history] == [h["best"] for h in straight.history]
+    assert np.isnan(straight.log["scores"]).any()  # broken candidates ...
+    assert np.isinf(straight.log["rank"][straight.log["feasible"]]).any()  # ... ranked as infeasible
+
+
+def test_resume_under_a_changed_config_names_the_fields(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, fake_evaluator(fail_at=2), fingerprint={"search_samples": 40, "metric": "x", "seed": 0})
+    with pytest.raises(ConfigChangedError, match=r"search_samples: checkpoint 40 vs now 16.*seed: checkpoint 0 vs "
+                                                 r"now 1"):
+        run(tmp_path, fake_evaluator(), resume=True, fingerprint={"search_samples": 16, "metric": "x", "seed": 1})
+    assert json.loads((tmp_path / "search_joint.json").read_text())["search_samples"] == 40
+
+
+def test_top_unique_has_no_duplicates(tmp_path):
+    result = run(tmp_path, fake_evaluator(), generations=4)
+    top = result.top_unique(6)
+    assert len({genome_key(g) for g, _ in top}) == len(top) == 6
+    fits = [f for _, f in top]
+    assert fits == sorted(fits)
