@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tmpq_jax import checkpoint, diffusion, models, quant  # noqa: E402
-from tmpq_jax.search.fitness import Evaluator, make_metric  # noqa: E402
-from tmpq_jax.search.run import _calibrate  # noqa: E402
+from tmpq_jax import diffusion, quant  # noqa: E402
+from tmpq_jax.search import run as run_mod  # noqa: E402
+from tmpq_jax.search.fitness import NoiseSet, make_metric  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "experiments/configs/default.py", "Search config (model, checkpoint, calibration).")
@@ -35,34 +34,30 @@ def main(argv):
     cfg = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(cfg)
     c = cfg.get_config()
-    c.bit_choices = sorted({*c.bit_choices, *(int(b) for b in FLAGS.bits)}, reverse=True)
-    spec = models.get_spec(c.model)
-    model = models.build_model(spec)
-    params = checkpoint.load_params(c.checkpoint, spec)
-
-    def apply_fn(p, *a):
-        return model.apply({"params": p}, *a)
-
-    sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec))
-    Path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
-    tables = _calibrate(c, Path(FLAGS.workdir), apply_fn, params, sites, spec)
-    ev = Evaluator(apply_fn, sites, params, tables, spec.sample_shape, spec.num_classes, make_metric(c.metric),
-                   c.noise_seed, "map", 1, c.sample_batch)
+    c.bit_choices = tuple(sorted({*c.bit_choices, *(int(b) for b in FLAGS.bits)}, reverse=True))
+    problem = run_mod.build_problem(c)
+    workdir = Path(FLAGS.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tables = run_mod.calibrate(c, problem, workdir)
+    ev = run_mod.make_evaluator(c, problem, tables)
+    metric = make_metric(c.report_metrics[0], c, c.report_reference)
+    noise_set = NoiseSet(c.report_noise_seed, "report", FLAGS.num_samples)
     ts = diffusion.uniform_timesteps(FLAGS.steps)
     rows = {}
     t0 = time.time()
-    rows["fp32"] = {"metric": ev.metric(ev.sample_fp(ts, FLAGS.num_samples)), "seconds": time.time() - t0}
+    rows["fp32"] = {"metric": metric(ev.sample_fp(ts, noise_set)), "seconds": time.time() - t0}
     print("fp32", rows["fp32"], flush=True)
     for b in FLAGS.bits:
         t0 = time.time()
         b = int(b)
-        bits = jnp.full((1, len(sites)), b, jnp.int32)
-        images = ev.sample(jnp.asarray(ts)[None], bits, bits, FLAGS.num_samples)[0]
-        rows[f"w{b}a{b}"] = {"metric": ev.metric(images), "seconds": time.time() - t0,
-                             "bitops": quant.bitops_exact(sites, bits[0], bits[0], FLAGS.steps)}
+        bits = jnp.full((1, len(problem.sites)), b, jnp.int32)
+        images = ev.sample(jnp.asarray(ts)[None], bits, bits, noise_set)[0]
+        rows[f"w{b}a{b}"] = {"metric": metric(images), "seconds": time.time() - t0,
+                             "bitops": quant.bitops_exact(problem.sites, bits[0], bits[0], FLAGS.steps)}
         print(f"w{b}a{b}", rows[f"w{b}a{b}"], flush=True)
-    out = {"model": spec.name, "metric": c.metric, "num_samples": FLAGS.num_samples, "ddim_steps": FLAGS.steps,
-           "noise_seed": c.noise_seed, "note": "attention probabilities stay at 8 bits (default rule)",
+    out = {"model": problem.spec.name, "metric": metric.name, "reference": c.report_reference,
+           "ddim_steps": FLAGS.steps, **noise_set.describe(),
+           "note": "attention probabilities stay at 8 bits (default rule)",
            "command": "python experiments/quant_quality.py " + " ".join(sys.argv[1:]), "rows": rows}
     Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.out).write_text(json.dumps(out, indent=2) + "\n")

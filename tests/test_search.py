@@ -1,5 +1,3 @@
-import dataclasses
-import math
 import sys
 from pathlib import Path
 
@@ -8,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmpq_jax import quant
 from tmpq_jax.search import EvolutionSearch, EvosaxSearch, Genome, SearchSpace, crossover, mutate, repeats
 from tmpq_jax.search import run as run_mod
 

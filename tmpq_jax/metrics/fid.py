@@ -207,28 +207,3 @@ def reference_features(reference: str, extractor: InceptionFeatures, cache: str 
 
 def fid_from_stats(a, b) -> float:
     return frechet_distance(a[0], a[1], b[0], b[1])
-
-
-@dataclasses.dataclass
-class InceptionFID:
-    """A search metric: FID of generated images in [-1, 1] against reference statistics. Lower is better."""
-
-    extractor: InceptionFeatures
-    ref_mu: np.ndarray
-    ref_sigma: np.ndarray
-    name: str = "inception_fid"
-
-    @classmethod
-    def from_config(cls, config=None) -> "InceptionFID":
-        get = (lambda k, d: config.get(k, d)) if config is not None else (lambda k, d: d)
-        cache = get("fid_cache", "") or None
-        extractor = InceptionFeatures.load(cache, batch_size=get("fid_batch", DEFAULT_BATCH))
-        reference = get("fid_reference", "mnist-heldout")
-        return cls(extractor, *reference_stats(reference, extractor, cache))
-
-    def __call__(self, images: np.ndarray) -> float:
-        images = np.asarray(images, np.float32)
-        if not np.isfinite(images).all():
-            return float("nan")
-        unit = data.to_unit_range(images)  # model output -> image, as when saving samples
-        return frechet_distance(*self.extractor.stats(unit, progress=False), self.ref_mu, self.ref_sigma)
