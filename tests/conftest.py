@@ -2,11 +2,19 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tmpq_jax import diffusion, models, quant  # noqa: E402
+from tmpq_jax import data, diffusion, models, quant  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Tiny:
@@ -58,3 +66,23 @@ def inception(fid_cache):
     from tmpq_jax.metrics.fid import InceptionFeatures
 
     return InceptionFeatures.load(fid_cache, batch_size=4)
+
+
+def run_tiny_search(work, *flags):
+    """`experiments/search.py` on the tiny config as a user runs it (a subprocess)."""
+    cmd = [sys.executable, str(ROOT / "experiments" / "search.py"), "--config",
+           str(ROOT / "experiments" / "configs" / "tiny.py"), "--workdir", str(work),
+           f"--config.report_reference={work.parent / 'fid_reference.npz'}", *flags]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tmp_path_factory, fid_cache):
+    """One real end-to-end search on the tiny config, shared by the end-to-end and evaluate tests:
+    (workdir, results, completed process)."""
+    work = tmp_path_factory.mktemp("search")
+    # reports against 24 held-out digits (the default's reference is all 500)
+    np.savez(work.parent / "fid_reference.npz", images=data.to_unit_range(data.mnist("heldout").images[:24]))
+    out = run_tiny_search(work, f"--config.fid_cache={fid_cache}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return work, json.loads((work / "results.json").read_text()), out

@@ -15,21 +15,9 @@ from tmpq_jax import checkpoint, data, diffusion, metrics, models
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _search(work, *flags):
-    cmd = [sys.executable, str(ROOT / "experiments" / "search.py"), "--config",
-           str(ROOT / "experiments" / "configs" / "tiny.py"), "--workdir", str(work),
-           f"--config.report_reference={work.parent / 'fid_reference.npz'}", *flags]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, fid_cache):
-    work = tmp_path_factory.mktemp("search")
-    # Inception FID of the final sets against 24 held-out digits (the default's reference is all 500)
-    np.savez(work.parent / "fid_reference.npz", images=data.to_unit_range(data.mnist("heldout").images[:24]))
-    out = _search(work, f"--config.fid_cache={fid_cache}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return work, json.loads((work / "results.json").read_text()), out
+def tiny_run(tiny_search):
+    return tiny_search
 
 
 def test_search_writes_results_with_all_fields(tiny_run):
@@ -111,6 +99,8 @@ def test_search_writes_samples_plots_and_checkpoints(tiny_run):
 
 
 def test_resume_under_a_changed_config_fails_before_searching(tiny_run):
+    from conftest import run_tiny_search as _search
+
     work, r, _ = tiny_run
     out = _search(work, "--resume", "--config.search_samples=6")
     assert out.returncode != 0
@@ -119,6 +109,8 @@ def test_resume_under_a_changed_config_fails_before_searching(tiny_run):
 
 @pytest.mark.slow
 def test_resume_after_completion_reproduces_the_result(tiny_run):
+    from conftest import run_tiny_search as _search
+
     work, r, _ = tiny_run
     out = _search(work, "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -154,6 +146,8 @@ def test_committed_classifier_accuracy():
 
 @pytest.mark.slow
 def test_search_with_inception_fid_as_fitness(tmp_path, fid_cache):
+    from conftest import run_tiny_search as _search
+
     np.savez(tmp_path / "fid_reference.npz", images=data.to_unit_range(data.mnist("heldout").images[:24]))
     work = tmp_path / "run"
     out = _search(work, f"--config.fid_cache={fid_cache}", "--config.metric=inception_fid",

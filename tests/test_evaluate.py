@@ -18,20 +18,9 @@ METRICS = ["classifier_fd", "teacher_mse"]
 
 
 @pytest.fixture(scope="module")
-def search_dir(tmp_path_factory):
-    """A finished tiny search (in-process): one generation, two uniform baselines and greedy_bits."""
-    import tiny
-
-    from tmpq_jax.search import run
-
-    c = tiny.get_config()
-    c.report_metrics = ("classifier_fd",)
-    c.baselines = ("uniform_w8a8", "uniform_w6a6", "greedy_bits")
-    c.generations = 1
-    c.checkpoint = str(ROOT / c.checkpoint)
-    run.validate_config(c)  # the changed config is still a valid one
-    work = tmp_path_factory.mktemp("search")
-    results = run.run_search(c, str(work))
+def search_dir(tiny_search):
+    """The finished tiny end-to-end search (shared with test_end_to_end)."""
+    work, results, _ = tiny_search
     return work, results
 
 
@@ -39,14 +28,14 @@ def search_dir(tmp_path_factory):
 def evaluated(search_dir):
     work, _ = search_dir
     out = work / "eval.json"
-    return ev.evaluate(work, None, N, SEED, METRICS, out, bootstrap=B), out
+    return ev.evaluate(work, None, N, SEED, METRICS, out, reference="mnist-heldout", bootstrap=B), out
 
 
 def test_writes_samples_of_every_feasible_candidate(search_dir, evaluated):
     work, results = search_dir
     r, out = evaluated
     names = ["reference", "best"] + [k for k, e in results["baselines"].items() if not e.get("infeasible")]
-    assert list(r["candidates"]) == names and len(names) == 5
+    assert list(r["candidates"]) == names and len(names) == 7
     assert json.loads(out.read_text()) == r
     assert r["noise"] == {"n": N, "noise_seed": SEED, "noise_purpose": "report"}
     assert r["reference"] == "mnist-heldout" and r["bootstrap"] == B
@@ -110,7 +99,7 @@ def test_second_call_reuses_the_samples(search_dir, evaluated, capsys):
     r, _ = evaluated
     paths = {k: Path(e["samples"]) for k, e in r["candidates"].items()}
     mtimes = {k: p.stat().st_mtime_ns for k, p in paths.items()}
-    again = ev.evaluate(work, None, N, SEED, METRICS, None, bootstrap=B)
+    again = ev.evaluate(work, None, N, SEED, METRICS, None, reference="mnist-heldout", bootstrap=B)
     out = capsys.readouterr().out
     assert all(f"[{k}] reusing {N} samples" in out for k in paths), out
     assert "sampling NoiseSet" not in out
@@ -185,7 +174,7 @@ def test_command_line_reuses_samples_and_writes_json(search_dir, evaluated):
     r, _ = evaluated
     out = work / "cli.json"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "evaluate.py"), f"--workdir={work}",
-                           "--candidates=best,uniform_w6a6", f"--num_samples={N}", f"--noise_seed={SEED}",
+                           "--candidates=best,uniform_w6a6", f"--num_samples={N}", f"--noise_seed={SEED}", "--reference=mnist-heldout",
                            f"--metrics={','.join(METRICS)}", f"--bootstrap={B}", f"--out={out}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
