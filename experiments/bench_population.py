@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from tmpq_jax import diffusion, models, quant
+from tmpq_jax import diffusion, models, quant, sampling
 from tmpq_jax.benchmark import environment, timed
 
 FLAGS = flags.FLAGS
@@ -90,7 +90,7 @@ def main(argv):
             continue
 
         def make_sampler(strategy=strategy):
-            sampler = quant.make_population_sampler(apply_fn, sites, strategy)
+            sampler = sampling.make_population_sampler(apply_fn, sites, strategy)
             pop = (w_pop, a_pop, jnp.tile(steps, (p, 1)))
             return (lambda pop, shared: sampler(pop, shared)), (pop, (abar, params, tables, xs[0], ys[0]))
 

@@ -138,3 +138,26 @@ def test_top_unique_has_no_duplicates(tmp_path):
     assert len({genome_key(g) for g, _ in top}) == len(top) == 6
     fits = [f for _, f in top]
     assert fits == sorted(fits)
+
+
+def test_budget_below_the_seed_cost_skips_timestep_only_and_keeps_precision_only_in_its_space(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "configs"))
+    import tiny
+
+    from tmpq_jax.search import run as run_mod
+
+    c = tiny.get_config()
+    c.generations, c.population_size, c.num_parents, c.num_mutation, c.num_crossover = 2, 6, 2, 2, 1
+    c.search_samples, c.baselines, c.warm_start = 8, ("timestep_only", "precision_only"), True
+    tight = Budget.create(SITES, SPACE, limit=BUDGET.cost_of(SPACE.uniform_bits(5)) + 50)  # below W6A6, the seed
+    problem = run_mod.Problem(None, None, None, SITES, SPACE, tight, "sha")
+    searches = run_mod.run_searches(c, problem, fake_evaluator(), MeanMetric(), tmp_path, resume=False)
+    assert set(searches) == {"precision_only", "joint"}  # timestep-only cannot change bits: skipped
+    p = searches["precision_only"]
+    assert (p.log["genomes"].timestep_idx == 0).all()  # never changes timesteps
+    assert p.log["bitops"][p.log["feasible"]].max() <= tight.limit
+    final = run_mod.baseline_finalists(c, problem, fake_evaluator(), MeanMetric(), searches)
+    assert final["timestep_only"] is None and final["precision_only"] is not None

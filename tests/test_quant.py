@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from tmpq_jax import checkpoint, models, quant
+from tmpq_jax import checkpoint, models, quant, sampling
 from tmpq_jax.quant.sites import kernel_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,11 +160,11 @@ def test_uncalibrated_bits_raise_at_public_entry_points(tiny):
     with pytest.raises(ValueError, match=rf"a_bits uses bit-widths \[3, 7\].*at 2 of {n} sites"):
         quant.gather_candidate(tiny.tables, tiny.sites, w, a.at[0].set(3).at[i].set(7))
     with pytest.raises(ValueError, match=r"w_bits uses bit-widths \[5\]"):
-        quant.sample_candidate(tiny.apply, tiny.sites, tiny.abar, tiny.params, tiny.tables, w.at[i].set(5), a,
+        sampling.sample_candidate(tiny.apply, tiny.sites, tiny.abar, tiny.params, tiny.tables, w.at[i].set(5), a,
                                POP_TIMESTEPS[0], tiny.noise, tiny.labels)
     # a concrete population (P, L) is checked before anything is compiled or run
     pw, pa = jnp.stack([w, w.at[i].set(5)]), jnp.stack([a, a])
-    sampler = quant.make_population_sampler(tiny.apply, tiny.sites, "loop")
+    sampler = sampling.make_population_sampler(tiny.apply, tiny.sites, "loop")
     shared = (tiny.abar, tiny.params, tiny.tables, tiny.noise, tiny.labels)
     with pytest.raises(ValueError, match=rf"\[5\].*at 1 of {n} sites.*in 1 of 2 candidates \(first: #1\); "
                                          r"calibrated: \[2, 4, 6, 8, 16\]"):
@@ -353,7 +353,7 @@ def _quantized_weights(tiny, strategy):
 
 def _samples(tiny, strategy):
     shared = (tiny.abar, tiny.params, tiny.tables, tiny.noise, tiny.labels)
-    return np.asarray(quant.make_population_sampler(tiny.apply, tiny.sites, strategy, chunk_size=2)(
+    return np.asarray(sampling.make_population_sampler(tiny.apply, tiny.sites, strategy, chunk_size=2)(
         _population(tiny), shared))
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tmpq_jax import diffusion
 from tmpq_jax.quant.calibrate import QuantTables
 from tmpq_jax.quant.fake_quant import PASSTHROUGH_BITS, check_bits, qdq_asymmetric, qdq_symmetric
 from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
@@ -135,19 +134,6 @@ def quantized_apply(apply_fn: Callable, sites: SiteTable, cand: CandidateQuant) 
     return fn
 
 
-def sample_candidate(apply_fn: Callable, sites: SiteTable, abar: jax.Array, params: Any, tables: QuantTables,
-                     w_bits: jax.Array, a_bits: jax.Array, timesteps: jax.Array, noise: jax.Array,
-                     labels: jax.Array) -> jax.Array:
-    """DDIM samples of one candidate (timesteps, w_bits, a_bits). Weights are quantized once per run.
-
-    Concrete bits are checked against the tables (ValueError); traced uncalibrated bits give NaN samples.
-    """
-    cand = gather_candidate(tables, sites, w_bits, a_bits)
-    qparams = quantize_params(params, sites, cand)
-    qapply = quantized_apply(apply_fn, sites, cand)
-    return diffusion.ddim_sample(lambda x, t, y: qapply(qparams, x, t, y), abar, timesteps, noise, labels)
-
-
 # --- population strategies ----------------------------------------------------------------------------------------
 
 
@@ -212,26 +198,6 @@ def population_fn(fn: Callable, strategy: str = "auto", chunk_size: int = 1, dev
         return jax.tree.map(lambda a: a[:n], out)
 
     return run
-
-
-def make_population_sampler(apply_fn: Callable, sites: SiteTable, strategy: str = "auto", chunk_size: int = 1,
-                            devices=None) -> Callable:
-    """sampler((w_bits[P,L], a_bits[P,L], timesteps[P,N]), (abar, params, tables, noise, labels)) -> images[P,...].
-
-    A concrete population is checked against the tables first (ValueError naming uncalibrated bit-widths); a traced
-    one relies on the traced guard (NaN images for a candidate with an uncalibrated bit-width).
-    """
-
-    def one(w_bits, a_bits, timesteps, abar, params, tables, noise, labels):
-        return sample_candidate(apply_fn, sites, abar, params, tables, w_bits, a_bits, timesteps, noise, labels)
-
-    run = population_fn(one, strategy, chunk_size, devices)
-
-    def sampler(pop, shared):
-        check_candidate_bits_if_concrete(sites, shared[2], pop[0], pop[1])
-        return run(pop, shared)
-
-    return sampler
 
 
 # --- BitOPs -------------------------------------------------------------------------------------------------------

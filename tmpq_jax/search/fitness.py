@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tmpq_jax import data, diffusion, metrics, quant
+from tmpq_jax import data, diffusion, metrics, quant, sampling
 
 PURPOSES = {"fitness": 1, "select": 2, "report": 3}
 MNIST_SHAPE = (28, 28, 1)
@@ -290,7 +290,7 @@ class Evaluator:
 
     def __post_init__(self):
         self.abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
-        self._sampler = quant.make_population_sampler(self.apply_fn, self.sites, self.strategy, self.chunk_size)
+        self._sampler = sampling.make_population_sampler(self.apply_fn, self.sites, self.strategy, self.chunk_size)
         self._fp = jax.jit(lambda params, ts, noise, labels: diffusion.ddim_sample(
             lambda x, t, y: self.apply_fn(params, x, t, y), self.abar, ts, noise, labels))
 
