@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     # algorithm
     c.algorithm = "evolution"  # or an evosax algorithm, e.g. 'CMA_ES', 'SimpleGA'
     c.population_size = 8
-    c.generations = 4
+    c.generations = 6
     c.num_parents = 3
     c.num_mutation = 4
     c.num_crossover = 2
@@ -36,12 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_redraw = 8  # rounds of redrawing genomes already seen (this generation or earlier)
     c.warm_start = True  # seed the joint search with the single-axis bests and greedy_bits
     # fitness (selection) and reports: each on its own noise (DESIGN.md Sec. 5)
-    c.metric = "classifier_fd"  # the search fitness; see README "Which fitness"
+    c.metric = "teacher_mse"  # paired pixel MSE to the FP teacher; chosen by the fidelity panel (README "Which fitness")
     c.fitness_reference = "mnist-fitness"  # reference data of the fitness (1000 train digits)
-    c.search_samples = 40  # fitness noise: fold_in(key(noise_seed), 'fitness')
-    c.fidelity_samples = ()  # successive halving, e.g. (16, 40): all at 16 samples, the best fidelity_keep at 40
+    c.search_samples = 16  # fitness noise: fold_in(key(noise_seed), 'fitness')
+    c.fidelity_samples = ()  # successive halving, e.g. (8, 16): all at 8 samples, the best fidelity_keep at 16
     c.fidelity_keep = 0.5
-    c.select_samples = 128  # top-k re-scoring noise: fold_in(key(noise_seed), 'select')
+    c.select_samples = 64  # top-k re-scoring noise: fold_in(key(noise_seed), 'select')
     c.rescore_top_k = 3
     c.noise_seed = 0
     c.report_metrics = ("classifier_fd", "inception_fid")  # on the final candidates, report noise
