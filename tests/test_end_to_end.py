@@ -48,7 +48,7 @@ def test_search_writes_results_with_all_fields(tiny_run):
     assert len(r["history"]) == r["config"]["generations"]
     assert set(r["history"][0]) >= {"generation", "best", "median", "feasible_fraction", "new"}
     assert r["timing"]["candidates_per_second"] > 0
-    assert r["metric_name"] == "classifier_fd" and r["noise"]["fitness"]["n"] == 8
+    assert r["metric_name"] == "teacher_mse" and r["noise"]["fitness"]["n"] == 8
 
 
 def test_reported_numbers_are_on_held_out_noise_and_data(tiny_run):
@@ -61,7 +61,8 @@ def test_reported_numbers_are_on_held_out_noise_and_data(tiny_run):
         for metric, rep in entry["report"].items():
             assert rep["n"] == r["config"]["final_samples"] and rep["noise_purpose"] == "report"
             assert rep["noise_seed"] == r["config"]["report_noise_seed"]
-            assert rep["reference"] == r["config"]["report_reference"]
+            paired = f"FP teacher ({r['config']['reference_steps']} steps)"
+            assert rep["reference"] == (paired if metric.startswith("teacher_") else r["config"]["report_reference"])
     assert r["best"]["search"]["selection"] is not None  # chosen on the select noise, reported on another
     # the FP reference images are the report noise's, not the fitness noise's
     ref = np.load(work / "samples_reference.npz")["images"]
@@ -71,7 +72,7 @@ def test_reported_numbers_are_on_held_out_noise_and_data(tiny_run):
 
 def test_search_reports_inception_fid_of_the_final_sets(tiny_run, fid_cache):
     work, r, out = tiny_run
-    assert r["report_metric_names"] == ["classifier_fd", "inception_fid"]
+    assert r["report_metric_names"] == ["classifier_fd", "inception_fid", "teacher_mse"]  # + the paired fitness
     entries = {"reference": r["reference"], "best": r["best"], **r["baselines"]}
     values = {k: e["report"]["inception_fid"]["value"] for k, e in entries.items()}
     assert all(v is not None and v > 0 for v in values.values()), values

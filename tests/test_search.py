@@ -165,8 +165,8 @@ def _config():
     (dict(bit_choices=(8, 32)), r"\[32\] outside"),
     (dict(metric="fid"), "unknown metric 'fid'"),
     (dict(report_metrics=("nope",)), "config.report_metrics has unknown metric 'nope'"),
-    (dict(fitness_reference="mnist-heldout"), "equals config.report_reference"),
-    (dict(model="cifar-ddpm"), r"config.metric='classifier_fd' uses the MNIST classifier, but the model makes "
+    (dict(metric="classifier_fd", fitness_reference="mnist-heldout"), "equals config.report_reference"),
+    (dict(model="cifar-ddpm", metric="classifier_fd"), r"config.metric='classifier_fd' uses the MNIST classifier, but the model makes "
                                r"\(32, 32, 3\) samples"),
     (dict(model="cifar-ddpm", metric="teacher_mse", report_metrics=("inception_fid",)),
      r"would compare \(32, 32, 3\) samples with the MNIST reference 'mnist-heldout'"),
