@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from tmpq_jax import checkpoint
 from tmpq_jax.search.budget import Budget
-from tmpq_jax.search.fitness import Evaluator, Metric, NoiseSet, nan_to_inf
+from tmpq_jax.search.fitness import Evaluator, Metric, NoiseSet, candidate_key, nan_to_inf
 from tmpq_jax.search.space import Genome, SearchSpace
 
 FIDELITY_OFFSET = 1e12
@@ -162,8 +162,6 @@ def _fill_cache(evaluator: Evaluator, metric: Metric, space: SearchSpace, log: d
                 settings: SearchSettings) -> None:
     """Put the scores of a finished generation back into the evaluator's cache (resume = uninterrupted run)."""
     ts, wb, ab = decode_np(space, jax.tree.map(lambda x: x[gen], log["genomes"]))
-    from tmpq_jax.search.fitness import candidate_key
-
     for i in range(len(ts)):
         for j, noise_set in enumerate(settings.noise_sets()[: int(log["level"][gen, i]) + 1]):
             evaluator.cache.setdefault((candidate_key(ts[i], wb[i], ab[i]), noise_set, metric.name),

@@ -90,31 +90,23 @@ def _finite(images) -> np.ndarray | None:
 
 
 @dataclasses.dataclass
-class ReferenceFrechet:
-    """Frechet distance (Heusel et al. 2017, eq. 6) of the samples' features to a real reference set."""
+class ReferenceDistance:
+    """A distance from the samples' features to a real reference set, e.g. the Frechet distance (Heusel et al.
+    2017, eq. 6) via `metrics.FrechetToReference.distance`, or KID (Binkowski et al. 2018) against reference
+    features."""
 
     name: str
     features: Callable[[np.ndarray], np.ndarray]
-    reference: metrics.FrechetToReference
+    distance: Callable[[np.ndarray], float]  # sample features -> distance to the reference
     paired: bool = False
 
     def __call__(self, images, teacher=None) -> float:
         x = _finite(images)
-        return float("nan") if x is None else self.reference.distance(self.features(x))
+        return float("nan") if x is None else float(self.distance(self.features(x)))
 
 
-@dataclasses.dataclass
-class ReferenceKID:
-    """Kernel inception distance (Binkowski et al. 2018): unbiased MMD^2, cubic polynomial kernel."""
-
-    name: str
-    features: Callable[[np.ndarray], np.ndarray]
-    reference_features: np.ndarray
-    paired: bool = False
-
-    def __call__(self, images, teacher=None) -> float:
-        x = _finite(images)
-        return float("nan") if x is None else metrics.kid(self.features(x), self.reference_features)
+def _kid_to(reference_features: np.ndarray) -> Callable[[np.ndarray], float]:
+    return lambda feats: metrics.kid(feats, reference_features)
 
 
 @dataclasses.dataclass
@@ -152,7 +144,8 @@ class TeacherDistance:
 def _frechet(name, features_of, reference_features_of):
     def factory(config, reference):
         feats = reference_features_of(config, reference)
-        return ReferenceFrechet(name, features_of(config), metrics.FrechetToReference(*metrics.feature_stats(feats)))
+        return ReferenceDistance(name, features_of(config),
+                                 metrics.FrechetToReference(*metrics.feature_stats(feats)).distance)
     return factory
 
 
@@ -160,9 +153,8 @@ def _inception_fid(config, reference):
     from tmpq_jax.metrics.fid import reference_stats
 
     ext = inception_extractor(config)
-    return ReferenceFrechet("inception_fid", _inception_images(config),
-                            metrics.FrechetToReference(*reference_stats(reference, ext, _get(config, "fid_cache", "")
-                                                                        or None)))
+    stats = reference_stats(reference, ext, _get(config, "fid_cache", "") or None)
+    return ReferenceDistance("inception_fid", _inception_images(config), metrics.FrechetToReference(*stats).distance)
 
 
 def _inception_images(config):
@@ -189,11 +181,12 @@ METRICS: dict[str, MetricInfo] = {
                                          lambda c, r: classifier_features(reference_images(r))), True, True,
                                 "Frechet distance in the MNIST classifier's 128-d features"),
     "inception_fid": MetricInfo(_inception_fid, True, False, "standard FID (FID Inception-v3, 2048-d)"),
-    "kid_classifier": MetricInfo(lambda c, r: ReferenceKID("kid_classifier", classifier_features,
-                                                           classifier_features(reference_images(r))), True, True,
+    "kid_classifier": MetricInfo(lambda c, r: ReferenceDistance("kid_classifier", classifier_features,
+                                                                _kid_to(classifier_features(reference_images(r)))),
+                                 True, True,
                                  "KID in the MNIST classifier's features"),
-    "kid_inception": MetricInfo(lambda c, r: ReferenceKID("kid_inception", _inception_images(c),
-                                                          _inception_reference(c, r)), True, False,
+    "kid_inception": MetricInfo(lambda c, r: ReferenceDistance("kid_inception", _inception_images(c),
+                                                               _kid_to(_inception_reference(c, r))), True, False,
                                 "KID in FID Inception features"),
     "teacher_mse": MetricInfo(lambda c, r: TeacherDistance("teacher_mse"), False, False,
                               "paired pixel MSE to the FP teacher"),

@@ -325,7 +325,8 @@ def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric) -
 
 
 def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric,
-                       searches: dict[str, SearchResult]) -> dict[str, Finalist | None]:
+                       searches: dict[str, SearchResult], greedy: Finalist | None = None) -> dict[str, Finalist | None]:
+    """Finalists of every configured baseline; `greedy` reuses a greedy_bits finalist made earlier."""
     out = {}
     fitness_set = noise_sets(c)["fitness"]
     for name in c.baselines:
@@ -335,7 +336,7 @@ def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric
             fit = nan_to_inf(evaluator.evaluate(*decode_np(problem.space, pop), fitness_set, [metric])[0, 0])
             out[name] = Finalist(g, problem.space, _num(fit), None, "fixed")
         elif name == "greedy_bits":
-            out[name] = greedy_finalist(c, problem, evaluator, metric)
+            out[name] = greedy if greedy is not None else greedy_finalist(c, problem, evaluator, metric)
         else:
             out[name] = rescore(c, evaluator, metric, searches[name]) if name in searches else None
     return out
@@ -451,7 +452,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
                                                     1e-9)
     best = rescore(c, evaluator, metric_set.fitness, searches["joint"])
     lap("rescore")
-    baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches)
+    baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches, greedy)
     lap("baselines")
     rep = report(c, problem, evaluator, metric_set, {"best": best, **baselines}, teachers)
     lap("report")
