@@ -3,6 +3,7 @@
 python experiments/fid.py fetch-weights [--from PATH/TO/default_1.pt] [--cache_dir DIR]
 python experiments/fid.py features --images X.npz --out F.npz     # features (n, 2048) float32
 python experiments/fid.py stats --images X.npz --out S.npz        # mu, sigma (pytorch-fid keys)
+python experiments/fid.py stats --images PATH/cifar-10-batches-py --split train --out cifar10_train_stats.npz
 python experiments/fid.py fid A.npz B.npz [--json OUT.json]       # each: images (n, H, W, C) in [0, 1] or stats,
                                                                   # or a named real set such as mnist-heldout
 
@@ -19,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tmpq_jax import checkpoint  # noqa: E402
+from tmpq_jax import checkpoint, data  # noqa: E402
 from tmpq_jax.metrics import fid  # noqa: E402
 from tmpq_jax.metrics.inception_weights import WeightsError, fetch_weights  # noqa: E402
 
@@ -29,7 +30,9 @@ flags.DEFINE_string("from", None, "fetch-weights: path to default_1.pt instead o
 flags.DEFINE_bool("force", False, "fetch-weights: convert again even if converted weights exist.")
 flags.DEFINE_string("cache_dir", None, "Weights and reference statistics cache (default $TMPQ_CACHE or "
                     "~/.cache/tmpq_jax).")
-flags.DEFINE_string("images", None, "features / stats: .npz with `images` (n, H, W, C) in [0, 1].")
+flags.DEFINE_string("images", None, "features / stats: .npz with `images` (n, H, W, C) in [0, 1], or a "
+                    "cifar-10-batches-py directory (see --split).")
+flags.DEFINE_enum("split", "train", ["train", "test"], "CIFAR-10 split when --images is a cifar-10-batches-py dir.")
 flags.DEFINE_string("out", None, "features / stats: output .npz.")
 flags.DEFINE_string("json", None, "fid: also write {'fid': ..., 'inputs': ...} to this JSON file.")
 flags.DEFINE_integer("batch_size", fid.DEFAULT_BATCH, "Images per Inception batch.")
@@ -40,6 +43,13 @@ def _need(name):
     if not FLAGS[name].value:
         raise app.UsageError(f"--{name} is required for this command")
     return FLAGS[name].value
+
+
+def _images(path):
+    """Images in [0, 1] from an .npz, or from the user's own cifar-10-batches-py directory (--split)."""
+    if os.path.isdir(path):
+        return data.to_unit_range(data.load_cifar10(path, FLAGS.split).images)
+    return fid.load_images(path)
 
 
 def _extractor():
@@ -56,14 +66,14 @@ def main(argv):
         if cmd == "fetch-weights":
             fetch_weights(FLAGS["from"].value, FLAGS.cache_dir, force=FLAGS.force)
         elif cmd == "features":
-            out, images = _need("out"), fid.load_images(_need("images"))
+            out, images = _need("out"), _images(_need("images"))
             t0 = time.time()
             feats = _extractor().features(images)
             print(f"{len(images)} images, {len(images) / (time.time() - t0):.1f} img/s", flush=True)
             np.savez(out, features=feats.astype(np.float32))
             print(f"wrote features {feats.shape} to {out}")
         elif cmd == "stats":
-            out, images = _need("out"), fid.load_images(_need("images"))
+            out, images = _need("out"), _images(_need("images"))
             mu, sigma = _extractor().stats(images)
             fid.save_stats(out, mu, sigma, n=len(images))
             print(f"wrote mu {mu.shape} and sigma {sigma.shape} of {len(images)} images to {out}")
@@ -78,7 +88,7 @@ def main(argv):
             print(f"FID {value:.4f}")
             if FLAGS.json:
                 checkpoint.write_json(FLAGS.json, {"fid": value, "inputs": args})
-    except (fid.InputError, WeightsError) as e:
+    except (fid.InputError, WeightsError, data.DataError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -10,8 +10,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # model
-    c.model = "mnist-small"
+    c.model = "mnist-small"  # an embedded model, or a family ('unet2d') with model_dir
     c.checkpoint = "checkpoints/mnist-small/ema_params.msgpack"
+    c.model_dir = ""  # a local diffusers folder (e.g. google/ddpm-cifar10-32); then `checkpoint` is unused
     c.seed = 0
     c.multihost = False
     # search space

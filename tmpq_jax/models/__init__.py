@@ -1,7 +1,12 @@
-"""Model zoo: named diffusers Flax UNet configurations and the project's MNIST classifier."""
+"""Model zoo: model families (`register_model`), named specs, local diffusers folders (`from_pretrained`), and the
+project's MNIST classifier."""
 
-from tmpq_jax.models.unet import (MODEL_SPECS, ConditionalUNet, ModelSpec, build_model, count_params,
-                                  example_inputs, get_spec, init_params, param_shapes)
+from tmpq_jax.models.registry import (FAMILIES, MODEL_SPECS, ModelFamily, ModelSpec, build_model, convert_folder,
+                                      count_params, detect_family, example_inputs, folder_digest, from_pretrained,
+                                      get_family, get_spec, init_params, param_shapes, read_spec, register_model)
+from tmpq_jax.models.unet import ConditionalUNet  # registers the 'conditional' family
+from tmpq_jax.models import folders  # noqa: E402,F401  registers the 'unet2d' family
 
-__all__ = ["MODEL_SPECS", "ConditionalUNet", "ModelSpec", "build_model", "count_params", "example_inputs",
-           "get_spec", "init_params", "param_shapes"]
+__all__ = ["FAMILIES", "MODEL_SPECS", "ConditionalUNet", "ModelFamily", "ModelSpec", "build_model", "convert_folder",
+           "count_params", "detect_family", "example_inputs", "folder_digest", "from_pretrained", "get_family",
+           "get_spec", "init_params", "param_shapes", "read_spec", "register_model"]

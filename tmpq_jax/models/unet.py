@@ -1,4 +1,4 @@
-"""Named configurations of diffusers' `FlaxUNet2DConditionModel` and a class-conditional wrapper.
+"""The `conditional` model family: named configurations of diffusers' `FlaxUNet2DConditionModel` and a class-conditional wrapper.
 
 The wrapper takes NHWC images, integer timesteps and integer class labels. Labels are embedded as a single
 cross-attention token, so the UNet's cross-attention blocks carry the condition. Label `num_classes` is the
@@ -7,9 +7,7 @@ null label (used by models trained without labels).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -28,28 +26,10 @@ def _silence_diffusers() -> None:
 _silence_diffusers()
 from diffusers import FlaxUNet2DConditionModel  # noqa: E402
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """A named model: the diffusers UNet config plus the data shape and label count."""
-
-    name: str
-    unet: dict[str, Any]
-    image_size: int
-    channels: int
-    num_classes: int
-    description: str
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return (self.image_size, self.image_size, self.channels)
-
-    @property
-    def cross_attention_dim(self) -> int:
-        return int(self.unet["cross_attention_dim"])
+from tmpq_jax.models.registry import ModelFamily, ModelSpec, register_model  # noqa: E402
 
 
-MODEL_SPECS: dict[str, ModelSpec] = {
+CONDITIONAL_SPECS: dict[str, ModelSpec] = {
     "mnist-small": ModelSpec(
         name="mnist-small",
         unet=dict(
@@ -102,7 +82,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         image_size=32,
         channels=3,
         num_classes=0,
-        description="sized like DDPM's CIFAR-10 UNet (128-256-256-256, attention at 16x16), unconditional",
+        description="a benchmark stand-in sized like DDPM's CIFAR-10 UNet (128-256-256-256, attention at 16x16); real "
+                    "CIFAR-10 weights load through the unet2d family",
     ),
     "sd-1.x": ModelSpec(
         name="sd-1.x",
@@ -125,12 +106,6 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
-def get_spec(name: str) -> ModelSpec:
-    if name not in MODEL_SPECS:
-        raise ValueError(f"unknown model {name!r}; valid names: {sorted(MODEL_SPECS)}")
-    return MODEL_SPECS[name]
-
-
 class ConditionalUNet(nn.Module):
     """eps_theta(x_t, t, y): a diffusers Flax UNet on NHWC inputs with labels as one cross-attention token."""
 
@@ -151,27 +126,15 @@ class ConditionalUNet(nn.Module):
         return jnp.transpose(out, (0, 2, 3, 1)).astype(x.dtype)
 
 
-def build_model(spec: ModelSpec | str, dtype: Any = jnp.float32) -> ConditionalUNet:
-    spec = get_spec(spec) if isinstance(spec, str) else spec
+def build_conditional(spec: ModelSpec, dtype: Any = jnp.float32) -> ConditionalUNet:
     return ConditionalUNet(unet_config=tuple(sorted(spec.unet.items())), num_classes=spec.num_classes, dtype=dtype)
 
 
-def example_inputs(spec: ModelSpec, batch: int = 1):
+def conditional_inputs(spec: ModelSpec, batch: int = 1):
     return (jnp.zeros((batch, *spec.sample_shape), jnp.float32), jnp.zeros((batch,), jnp.int32),
             jnp.zeros((batch,), jnp.int32))
 
 
-def init_params(spec: ModelSpec | str, key: jax.Array):
-    """Initialise parameters (small models). Use `param_shapes` for large ones."""
-    spec = get_spec(spec) if isinstance(spec, str) else spec
-    return jax.jit(build_model(spec).init)(key, *example_inputs(spec))["params"]
-
-
-def param_shapes(spec: ModelSpec | str):
-    """Parameter ShapeDtypeStructs via `jax.eval_shape`: no compile, no FLOPs, fine for an 860M-param UNet."""
-    spec = get_spec(spec) if isinstance(spec, str) else spec
-    return jax.eval_shape(build_model(spec).init, jax.random.key(0), *example_inputs(spec))["params"]
-
-
-def count_params(tree) -> int:
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+register_model(ModelFamily("conditional", build_conditional, conditional_inputs,
+                           doc="the project's class-conditional diffusers Flax UNets (labels as one context token)"),
+               CONDITIONAL_SPECS)

@@ -7,8 +7,11 @@ A *site* is one matrix product whose two operands get bit-widths:
   `<attention path>/av` (a = softmax probabilities, w-slot = v). Both operands are activations with static ranges.
 BitOPs of a site are MACs x w_bits x a_bits (TMPQ-DM, Sec. 3). Paths are the modules' scope paths joined by '/'.
 
-Attention modules are hooked by re-implementing their forward in `ATTENTION_IMPLS` (keyed by module class), so the
-model's code is never edited. The diffusers `FlaxAttention` is registered; add other Linen attention classes there.
+Attention modules are hooked in one of two ways, so the model's code is never edited:
+- a module that defines `hooked_call(operand_fn, record, *args, **kwargs)` (the project's own attention modules)
+  is called through it; its plain `__call__` must equal `hooked_call` with identity operands;
+- otherwise its forward is re-implemented in `ATTENTION_IMPLS` (keyed by module class). The diffusers
+  `FlaxAttention` is registered there; add other third-party Linen attention classes the same way.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ ATTENTION_IMPLS: dict[type, Callable] = {}
 
 
 def attention_impl(module: nn.Module):
+    if callable(getattr(module, "hooked_call", None)):
+        return lambda m, operand_fn, record, *a, **k: m.hooked_call(operand_fn, record, *a, **k)
     if not ATTENTION_IMPLS:
         ATTENTION_IMPLS.update(_attention_registry())
     for cls, impl in ATTENTION_IMPLS.items():

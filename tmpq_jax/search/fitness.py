@@ -277,15 +277,18 @@ class Evaluator:
     strategy: str = "auto"
     chunk_size: int = 1
     sample_batch: int = 256
+    schedule: diffusion.NoiseSchedule = diffusion.NoiseSchedule()  # the model's noise schedule and DDIM settings
     teachers: dict = dataclasses.field(default_factory=dict)  # NoiseSet -> FP teacher images
     cache: dict = dataclasses.field(default_factory=dict)  # (candidate key, NoiseSet, metric name) -> score
     sampled: int = 0  # candidate sampling runs so far (not counting cache hits)
 
     def __post_init__(self):
-        self.abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
-        self._sampler = sampling.make_population_sampler(self.apply_fn, self.sites, self.strategy, self.chunk_size)
+        self.abar = jnp.asarray(self.schedule.alphas_cumprod(), jnp.float32)
+        kw = self.schedule.sampler_kwargs()
+        self._sampler = sampling.make_population_sampler(self.apply_fn, self.sites, self.strategy, self.chunk_size,
+                                                         sampler_kwargs=kw)
         self._fp = jax.jit(lambda params, ts, noise, labels: diffusion.ddim_sample(
-            lambda x, t, y: self.apply_fn(params, x, t, y), self.abar, ts, noise, labels))
+            lambda x, t, y: self.apply_fn(params, x, t, y), self.abar, ts, noise, labels, **kw))
 
     def _batches(self, noise_set: NoiseSet):
         noise, labels = purpose_noise(noise_set.seed, noise_set.purpose, noise_set.n, self.sample_shape,
@@ -302,7 +305,7 @@ class Evaluator:
         return np.concatenate(outs, axis=1)
 
     def sample_fp(self, timesteps, noise_set: NoiseSet) -> np.ndarray:
-        ts = jnp.asarray(diffusion.validate_timesteps(np.asarray(timesteps)))
+        ts = jnp.asarray(diffusion.validate_timesteps(np.asarray(timesteps), self.schedule.num_train_timesteps))
         return np.concatenate([np.asarray(self._fp(self.params, ts, noise, labels))
                                for noise, labels in self._batches(noise_set)])
 

@@ -57,9 +57,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         if not ok:
             raise ValueError(f"config.{name}={c[name]!r} is invalid; valid: {valid}")
 
-    spec = models.get_spec(c.model)
-    need("num_steps", isinstance(c.num_steps, int) and 1 <= c.num_steps <= diffusion.NUM_TRAIN_TIMESTEPS,
-         "an integer in [1, 1000]")
+    spec = resolve_spec(c)
+    T = spec.schedule.num_train_timesteps
+    need("num_steps", isinstance(c.num_steps, int) and 1 <= c.num_steps <= T, f"an integer in [1, {T}]")
     quant.check_bit_choices(list(c.bit_choices), "config.bit_choices")
     need("budget_bits", c.budget_bits in list(c.bit_choices), f"one of bit_choices {list(c.bit_choices)}")
     need("budget_bitops", c.budget_bitops >= 0 and float(c.budget_bitops) == int(c.budget_bitops),
@@ -74,8 +74,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     need("fidelity_keep", 0.0 < c.fidelity_keep <= 1.0, "in (0, 1]")
     need("max_redraw", c.max_redraw >= 0, ">= 0")
     need("rescore_top_k", c.rescore_top_k >= 1, ">= 1")
-    need("reference_steps", 1 <= c.reference_steps <= diffusion.NUM_TRAIN_TIMESTEPS, "in [1, 1000]")
-    need("calib_steps", 1 <= c.calib_steps <= diffusion.NUM_TRAIN_TIMESTEPS, "in [1, 1000]")
+    need("reference_steps", 1 <= c.reference_steps <= T, f"in [1, {T}]")
+    need("calib_steps", 1 <= c.calib_steps <= T, f"in [1, {T}]")
     for name in ("calib_samples", "calib_batch", "sample_batch", "fid_batch", "chunk_size"):
         need(name, isinstance(c[name], int) and c[name] >= 1, "an integer >= 1")
     need("warm_start", isinstance(c.warm_start, bool), "True or False")
@@ -93,8 +93,23 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
                          "vs 'mnist-heldout')")
     # the algorithm (population arithmetic, evosax names) and the space
     space = SearchSpace.create(c.num_steps, 1, list(c.bit_choices), c.spacing, list(c.group_starts) or None,
-                               seed_bits=c.seed_bits)
+                               seed_bits=c.seed_bits, num_train_timesteps=T)
     make_algorithm(c, space)
+
+
+def resolve_spec(c) -> models.ModelSpec:
+    """The model of a config: a named embedded model, or a local diffusers folder (`model_dir`) whose family is
+    `model` (configs only are read here, so a bad folder fails before any long work)."""
+    model_dir = c.get("model_dir", "")
+    if not model_dir:
+        if c.model in models.FAMILIES and c.model not in models.MODEL_SPECS:
+            raise ValueError(f"config.model={c.model!r} is a model family: give its folder with "
+                             f"--config.model_dir=PATH (e.g. a downloaded google/ddpm-cifar10-32 for 'unet2d')")
+        return models.get_spec(c.model)
+    if c.model not in models.FAMILIES:
+        raise ValueError(f"config.model_dir is set, so config.model must be a model family, one of "
+                         f"{sorted(models.FAMILIES)}; got {c.model!r} (an embedded model name)")
+    return models.read_spec(model_dir, c.model)
 
 
 def fingerprint(c: ml_collections.ConfigDict, checkpoint_sha: str) -> dict:
@@ -102,6 +117,11 @@ def fingerprint(c: ml_collections.ConfigDict, checkpoint_sha: str) -> dict:
     out = {k: v for k, v in json.loads(c.to_json()).items() if k not in NOT_IN_FINGERPRINT}
     out["checkpoint_sha256"] = checkpoint_sha
     return out
+
+
+def model_sha(c) -> str:
+    """sha256 of the model's weights: the checkpoint file, or every config and weight file of `model_dir`."""
+    return models.folder_digest(c.model_dir) if c.get("model_dir", "") else _sha(c.checkpoint)
 
 
 def _sha(path) -> str:
@@ -128,10 +148,14 @@ class Problem:
 
 
 def build_problem(c) -> Problem:
-    spec = models.get_spec(c.model)
-    sha = _sha(c.checkpoint)
-    model = models.build_model(spec)
-    params = checkpoint.load_params(c.checkpoint, spec)
+    if c.get("model_dir", ""):
+        print(f"loading {c.model} model from {c.model_dir}", flush=True)
+        model, params, spec = models.from_pretrained(c.model_dir, family=c.model)
+    else:
+        spec = models.get_spec(c.model)
+        model = models.build_model(spec)
+        params = checkpoint.load_params(c.checkpoint, spec)
+    sha = model_sha(c)
 
     def apply_fn(p, *a):
         return model.apply({"params": p}, *a)
@@ -139,7 +163,7 @@ def build_problem(c) -> Problem:
     rules = [quant.QuantRule(**dict(r)) for r in c.rules] + (list(quant.DEFAULT_RULES) if c.probs_8bit else [])
     sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules)
     space = SearchSpace.create(c.num_steps, len(sites), list(c.bit_choices), c.spacing, list(c.group_starts) or None,
-                               seed_bits=c.seed_bits)
+                               seed_bits=c.seed_bits, num_train_timesteps=spec.schedule.num_train_timesteps)
     budget = Budget.create(sites, space, int(c.budget_bitops) or None, c.budget_bits)
     print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
           f"{int(sites.macs.sum()):,} MACs/step; budget {budget.limit:,} BitOPs", flush=True)
@@ -175,14 +199,15 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
         if all(old.get(k) == v for k, v in meta.items()):
             print(f"loading calibration tables from {path}", flush=True)
             return quant.load_tables(path, sites, list(c.bit_choices))
-    abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
+    abar = jnp.asarray(spec.schedule.alphas_cumprod(), jnp.float32)
     noise = jax.random.normal(jax.random.key(c.seed + 7919), (c.calib_samples, *spec.sample_shape))
     labels = (jnp.arange(c.calib_samples) % max(spec.num_classes, 1)).astype(jnp.int32)
-    ts = diffusion.uniform_timesteps(c.calib_steps)
+    ts = diffusion.uniform_timesteps(c.calib_steps, spec.schedule.num_train_timesteps)
     print(f"calibration: FP DDIM trajectories, {c.calib_steps} timesteps x {c.calib_samples} samples", flush=True)
     apply_fn = problem.apply_fn
     _, traj = jax.jit(lambda p: diffusion.ddim_sample(lambda x, t, y: apply_fn(p, x, t, y), abar, ts, noise, labels,
-                                                      return_trajectory=True))(problem.params)
+                                                      return_trajectory=True, **spec.schedule.sampler_kwargs())
+                      )(problem.params)
     m = c.calib_steps * c.calib_samples
     inputs = (traj.x.reshape(m, *spec.sample_shape), jnp.repeat(traj.t, c.calib_samples),
               jnp.tile(labels, c.calib_steps))
@@ -196,7 +221,7 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
 
 def make_evaluator(c, problem: Problem, tables: quant.QuantTables) -> Evaluator:
     return Evaluator(problem.apply_fn, problem.sites, problem.params, tables, problem.spec.sample_shape,
-                     problem.spec.num_classes, c.strategy, c.chunk_size, c.sample_batch)
+                     problem.spec.num_classes, c.strategy, c.chunk_size, c.sample_batch, problem.spec.schedule)
 
 
 # --- stage 4: teachers -------------------------------------------------------------------------------------------------
@@ -208,8 +233,8 @@ def noise_sets(c) -> dict[str, NoiseSet]:
             "report": NoiseSet(c.report_noise_seed, "report", c.final_samples)}
 
 
-def reference_timesteps(c) -> np.ndarray:
-    return diffusion.uniform_timesteps(c.reference_steps)
+def reference_timesteps(c, num_train_timesteps: int = diffusion.NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    return diffusion.uniform_timesteps(c.reference_steps, num_train_timesteps)
 
 
 def teacher_images(c, problem: Problem, evaluator: Evaluator, noise_set: NoiseSet, workdir: Path) -> np.ndarray:
@@ -223,7 +248,7 @@ def teacher_images(c, problem: Problem, evaluator: Evaluator, noise_set: NoiseSe
             evaluator.teachers[noise_set] = images
             return images
     print(f"FP teacher: {c.reference_steps} DDIM steps on {noise_set}", flush=True)
-    images = evaluator.sample_fp(reference_timesteps(c), noise_set)
+    images = evaluator.sample_fp(reference_timesteps(c, problem.spec.schedule.num_train_timesteps), noise_set)
     np.savez(path, images=images)
     evaluator.teachers[noise_set] = images
     return images
@@ -377,7 +402,8 @@ def report(c, problem: Problem, evaluator: Evaluator, metric_set: MetricSet, fin
                                                else [])
     entries, images = {}, {}
     ref_images = teachers[report_set]
-    entries["reference"] = {"steps": c.reference_steps, "timesteps": reference_timesteps(c).tolist(),
+    entries["reference"] = {"steps": c.reference_steps,
+                            "timesteps": reference_timesteps(c, problem.spec.schedule.num_train_timesteps).tolist(),
                             "bitops": quant.fp_bitops(problem.sites, c.reference_steps)}
     images["reference"] = ref_images
     todo = {k: f for k, f in finalists.items() if f is not None}
@@ -423,7 +449,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if resume:  # refuse a changed config before any long work
-        fp = fingerprint(c, _sha(c.checkpoint))
+        fp = fingerprint(c, model_sha(c))
         for path in sorted(workdir.glob("search_*.json")):
             check_fingerprint(path, fp)
     timing: dict[str, float] = {}
@@ -463,9 +489,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
     sets = noise_sets(c)
     results = {
         "config": c.to_dict(),
-        "model": {"name": problem.spec.name, "unet_config": {k: list(v) if isinstance(v, tuple) else v
-                                                               for k, v in problem.spec.unet.items()},
-                  "sample_shape": list(problem.spec.sample_shape), "params": models.count_params(problem.params),
+        "model": {**problem.spec.describe(), "params": models.count_params(problem.params),
                   "macs_per_step": int(problem.sites.macs.sum()), "quantized_sites": len(problem.sites),
                   "sites": dict(zip(problem.sites.paths, problem.sites.macs.tolist()))},
         "budget_bitops": problem.budget.limit,
