@@ -111,7 +111,7 @@ def _validate(results: dict, candidates, num_samples, metric_names, reference, b
     if not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
         raise ValueError(f"bootstrap={bootstrap!r} is invalid; valid: an integer >= 0 (0: no intervals)")
     reference = reference or c.get("report_reference", "mnist-heldout")
-    shape = tuple(results["model"]["sample_shape"])
+    shape = tuple(results["model"].get("image_shape", results["model"]["sample_shape"]))
     needs_ref = [m for m in metric_names if SUPPORTED[m][1] != "paired"]
     if needs_ref:
         if reference.startswith("mnist-") and shape != fitness.MNIST_SHAPE:
@@ -157,7 +157,7 @@ class _Sampler:
         if self._parts is None:
             from tmpq_jax.search import run
 
-            problem = run.build_problem(self.c)
+            problem = run.build_problem(self.c, self.workdir)
             tables = run.calibrate(self.c, problem, self.workdir)
             self._parts = run, problem, run.make_evaluator(self.c, problem, tables)
         return self._parts
@@ -301,7 +301,7 @@ def evaluate(workdir, candidates=None, num_samples: int = 1000, noise_seed: int 
     names, metric_names, reference = _validate(results, candidates, num_samples, metrics, reference, bootstrap)
     num_samples, noise_seed, bootstrap = int(num_samples), int(noise_seed), int(bootstrap)
     c = _config(results)
-    shape = tuple(results["model"]["sample_shape"])
+    shape = tuple(results["model"].get("image_shape", results["model"]["sample_shape"]))
     avail = available_candidates(results)
     noise_set = fitness.NoiseSet(noise_seed, NOISE_PURPOSE, num_samples)
     eval_dir = workdir / f"eval_{noise_seed}"

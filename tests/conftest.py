@@ -18,13 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Tiny:
-    """The mnist-tiny UNet with random weights, its sites (no pinned bits) and calibrated tables."""
+    """A small UNet with random weights, its sites (no pinned bits) and calibrated tables: by default the mnist-tiny
+    conditional UNet; or (model, params, spec) of another family, e.g. the UNet2DModel port."""
 
-    def __init__(self):
-        self.spec = models.get_spec("mnist-tiny")
-        self.model = models.build_model(self.spec)
-        self.params = models.init_params(self.spec, jax.random.key(0))
-        self.abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
+    def __init__(self, loaded=None):
+        if loaded is None:
+            self.spec = models.get_spec("mnist-tiny")
+            self.model = models.build_model(self.spec)
+            self.params = models.init_params(self.spec, jax.random.key(0))
+        else:
+            self.model, self.params, self.spec = loaded
+        self.abar = jnp.asarray(self.spec.schedule.alphas_cumprod(), jnp.float32)
         self.sites = quant.discover_sites(self.apply, models.param_shapes(self.spec),
                                           models.example_inputs(self.spec), rules=())
         self.noise = jax.random.normal(jax.random.key(1), (4, *self.spec.sample_shape))
@@ -49,6 +53,23 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny():
     return Tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet2d(tmp_path_factory):
+    """The same engine fixture on a random diffusers UNet2DModel, saved by diffusers and loaded by the port."""
+    pytest.importorskip("torch")
+    from unet2d_helpers import save_unet2d_folder
+
+    path = tmp_path_factory.mktemp("unet2d")
+    save_unet2d_folder(path)
+    return Tiny(models.from_pretrained(path))
+
+
+@pytest.fixture(params=["tiny", "tiny_unet2d"])
+def any_tiny(request):
+    """Engine tests that must hold for every model family run on both."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="session")

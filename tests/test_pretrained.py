@@ -13,29 +13,10 @@ import pytest
 
 from tmpq_jax import models, quant
 from tmpq_jax.search import run as search_run
+from unet2d_helpers import save_unet2d_folder
 
 torch = pytest.importorskip("torch")
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-TINY_UNET2D = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                   down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                   norm_num_groups=4, attention_head_dim=8)
-
-
-def save_unet2d_folder(path, pipeline_layout=False, **overrides):
-    """A random UNet2DModel and a DDPM scheduler config, saved as diffusers saves them (safetensors)."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    torch.manual_seed(0)
-    model = UNet2DModel(**{**TINY_UNET2D, **overrides})
-    with torch.no_grad():  # no zero-initialised tensors, so every weight matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    unet_dir, sched_dir = (path / "unet", path / "scheduler") if pipeline_layout else (path, path)
-    model.save_pretrained(unet_dir)
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True).save_pretrained(sched_dir)
-    return model
-
 
 @pytest.fixture(scope="module")
 def unet2d_folder(tmp_path_factory):

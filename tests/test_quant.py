@@ -54,23 +54,23 @@ def test_bad_bits(bad, msg):
 # --- model-level ---------------------------------------------------------------------------------------------------
 
 
-def test_16_bits_equals_fp(tiny):
-    w, a = uniform(tiny, 16, 16)
-    cand = quant.gather_candidate(tiny.tables, tiny.sites, w, a)
-    qapply = quant.quantized_apply(tiny.apply, tiny.sites, cand)
-    x, t = tiny.noise, jnp.full((4,), 321)
-    out = qapply(quant.quantize_params(tiny.params, tiny.sites, cand), x, t, tiny.labels)
-    np.testing.assert_array_equal(out, tiny.apply(tiny.params, x, t, tiny.labels))
+def test_16_bits_equals_fp(any_tiny):
+    w, a = uniform(any_tiny, 16, 16)
+    cand = quant.gather_candidate(any_tiny.tables, any_tiny.sites, w, a)
+    qapply = quant.quantized_apply(any_tiny.apply, any_tiny.sites, cand)
+    x, t = any_tiny.noise, jnp.full((4,), 321)
+    out = qapply(quant.quantize_params(any_tiny.params, any_tiny.sites, cand), x, t, any_tiny.labels)
+    np.testing.assert_array_equal(out, any_tiny.apply(any_tiny.params, x, t, any_tiny.labels))
 
 
-def test_output_error_falls_as_bits_rise(tiny):
-    x, t = tiny.noise, jnp.full((4,), 321)
-    ref = tiny.apply(tiny.params, x, t, tiny.labels)
+def test_output_error_falls_as_bits_rise(any_tiny):
+    x, t = any_tiny.noise, jnp.full((4,), 321)
+    ref = any_tiny.apply(any_tiny.params, x, t, any_tiny.labels)
     errs = []
     for b in (2, 4, 6, 8):
-        cand = quant.gather_candidate(tiny.tables, tiny.sites, *uniform(tiny, b, b))
-        out = quant.quantized_apply(tiny.apply, tiny.sites, cand)(
-            quant.quantize_params(tiny.params, tiny.sites, cand), x, t, tiny.labels)
+        cand = quant.gather_candidate(any_tiny.tables, any_tiny.sites, *uniform(any_tiny, b, b))
+        out = quant.quantized_apply(any_tiny.apply, any_tiny.sites, cand)(
+            quant.quantize_params(any_tiny.params, any_tiny.sites, cand), x, t, any_tiny.labels)
         errs.append(float(jnp.mean((out - ref) ** 2)))
     assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 10, errs
 
@@ -102,18 +102,18 @@ def test_activation_bits_are_applied_per_site(tiny):
 # --- calibration --------------------------------------------------------------------------------------------------
 
 
-def test_calibration_is_reproducible_and_sane(tiny):
-    again = quant.calibrate(tiny.apply, tiny.params, tiny.sites, quant.trajectory_batches(tiny.calib_inputs, 8),
+def test_calibration_is_reproducible_and_sane(any_tiny):
+    again = quant.calibrate(any_tiny.apply, any_tiny.params, any_tiny.sites, quant.trajectory_batches(any_tiny.calib_inputs, 8),
                             [16, 8, 6, 4, 2])
-    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(tiny.tables)):
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(any_tiny.tables)):
         np.testing.assert_array_equal(a, b)
-    rows = np.asarray(tiny.tables.table_bits).tolist()
+    rows = np.asarray(any_tiny.tables.table_bits).tolist()
     assert rows == [2, 4, 6, 8, 16]
-    lo, hi = tiny.tables.a_range[..., 0], tiny.tables.a_range[..., 1]
+    lo, hi = any_tiny.tables.a_range[..., 0], any_tiny.tables.a_range[..., 1]
     assert bool(jnp.all(lo <= hi))
     # fewer bits -> tighter (or equal) MSE-optimal clipping; the 16-bit (pass-through) row keeps abs-max
-    for path, w_clip in tiny.tables.w_clip.items():
-        kernel = flatten_dict(tiny.params)[kernel_key(path)]
+    for path, w_clip in any_tiny.tables.w_clip.items():
+        kernel = flatten_dict(any_tiny.params)[kernel_key(path)]
         absmax = np.abs(np.asarray(kernel)).reshape(-1, kernel.shape[-1]).max(0)
         assert bool(jnp.all(w_clip[0] <= w_clip[3] + 1e-7)), path
         np.testing.assert_allclose(w_clip[4], absmax, rtol=1e-6)
@@ -357,14 +357,20 @@ def _samples(tiny, strategy):
         _population(tiny), shared))
 
 
-@pytest.fixture(scope="module")
+_LOOP_REFERENCE = {}  # model name -> (quantized weights, samples) of the loop strategy
+
+
 def loop_reference(tiny):
-    return _quantized_weights(tiny, "loop"), _samples(tiny, "loop")
+    if tiny.spec.name not in _LOOP_REFERENCE:
+        _LOOP_REFERENCE[tiny.spec.name] = _quantized_weights(tiny, "loop"), _samples(tiny, "loop")
+    return _LOOP_REFERENCE[tiny.spec.name]
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map", "sharded"])
-def test_strategies_match_loop(tiny, loop_reference, strategy):
-    loop_q, loop = loop_reference
+@pytest.mark.parametrize("model, strategy", [("tiny", "vmap"), ("tiny", "map"), ("tiny", "sharded"),
+                                             ("tiny_unet2d", "vmap")])
+def test_strategies_match_loop(request, model, strategy):
+    tiny = request.getfixturevalue(model)
+    loop_q, loop = loop_reference(tiny)
     # identical quantized weights
     for x, y in zip(jax.tree.leaves(loop_q), jax.tree.leaves(_quantized_weights(tiny, strategy))):
         np.testing.assert_array_equal(x, y)

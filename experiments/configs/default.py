@@ -15,6 +15,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.model_dir = ""  # a local diffusers folder (e.g. google/ddpm-cifar10-32); then `checkpoint` is unused
     c.seed = 0
     c.multihost = False
+    # text-to-image models (model='sd' with model_dir of a Stable Diffusion folder); see configs/sd.py
+    c.prompts_file = ""  # one prompt per line; sample i uses prompt i % P
+    c.prompt_embeds = ""  # or precomputed embeddings (.npz: prompt_embeds, negative_prompt_embeds)
+    c.negative_prompt = ""  # the unconditional text of classifier-free guidance
+    c.guidance_scale = 1.0  # > 1: two UNet passes per step, both counted in BitOPs
+    c.memory_efficient_attention = False  # diffusers' chunked attention path (same sites and outputs)
+    c.split_head_dim = False
+    c.matmul_precision = "highest"  # of every matmul (FP reference, calibration, candidates); TPU default is bf16
     # search space
     c.num_steps = 10
     c.spacing = "quad"  # 'quad' | 'uniform' | 'custom' (then group_starts)

@@ -65,7 +65,8 @@ class ModelSpec:
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "conditioning": self.conditioning, "source": self.source,
                 "unet_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.unet.items()},
-                "sample_shape": list(self.sample_shape), "num_classes": self.num_classes,
+                "sample_shape": list(self.sample_shape), "image_shape": list(self.image_shape),
+                "num_classes": self.num_classes,
                 "schedule": self.schedule.to_dict(), "guidance_scale": self.guidance_scale,
                 "unet_passes_per_step": self.unet_passes_per_step,
                 "decoder": None if self.decoder is None else {

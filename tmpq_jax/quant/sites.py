@@ -91,22 +91,65 @@ def module_path(module: nn.Module) -> str:
 # --- attention implementations --------------------------------------------------------------------------------
 
 
+QUERY_CHUNK_SIZE = 1024  # queries per block on the memory-efficient path (diffusers' default query_chunk_size)
+
+
+def _attend(q, k, v, scale, probs_fn):
+    """softmax(q k^T * scale) v on (B*heads, T, dim_head) operands; `probs_fn` hooks the probabilities."""
+    scores = jnp.einsum("b i d, b j d->b i j", q, k) * scale
+    probs = probs_fn(nn.softmax(scores, axis=-1))
+    return jnp.einsum("b i j, b j d -> b i d", probs, v)
+
+
+def _attend_chunked(q, k, v, scale, probs_fn, chunk: int):
+    """`_attend` over blocks of `chunk` queries (a `lax.map`, plus one block for the remainder), so scores and
+    probabilities live as (B*heads, chunk, Tk) at a time. Needs an elementwise `probs_fn`."""
+    bh, tq, d = q.shape
+    n, rest = divmod(tq, chunk)
+    # full blocks: (n, B*heads, chunk, d) -> map -> (B*heads, n * chunk, d_v)
+    blocks = q[:, :n * chunk].reshape(bh, n, chunk, d).transpose(1, 0, 2, 3)
+    out = jax.lax.map(lambda qb: _attend(qb, k, v, scale, probs_fn), blocks)
+    out = out.transpose(1, 0, 2, 3).reshape(bh, n * chunk, out.shape[-1])
+    if rest:  # the last, shorter block (static shapes)
+        out = jnp.concatenate([out, _attend(q[:, n * chunk:], k, v, scale, probs_fn)], axis=1)
+    return out
+
+
 def _diffusers_attention(module, operand_fn: OperandFn, record: RecordFn | None, hidden_states, context=None,
                          deterministic=True):
-    """The diffusers FlaxAttention forward (standard path) with hooks on the q, k, v and probability operands."""
+    """The diffusers FlaxAttention forward with hooks on the q, k, v and probability operands.
+
+    Operands reach `operand_fn` as (B*heads, T, dim_head) and (B*heads, Tq, Tk) whatever `split_head_dim` says
+    (a layout choice in diffusers), so sites, MACs, calibration and outputs do not depend on it.
+    With `use_memory_efficient_attention`, queries are processed in blocks of `QUERY_CHUNK_SIZE` (full-key softmax
+    per block), so `operand_fn` sees the probabilities block by block; this assumes it is elementwise, as the
+    static-range fake quant is. An observer `operand_fn` (one returning q, k and v themselves, as calibration and
+    site discovery do) may take whole-tensor statistics once per call, so it gets the whole probability tensor.
+    """
     path = module_path(module)
     context = hidden_states if context is None else context
+    # project and split heads: (B*heads, T, dim_head)
     q = module.reshape_heads_to_batch_dim(module.query(hidden_states))
     k = module.reshape_heads_to_batch_dim(module.key(context))
     v = module.reshape_heads_to_batch_dim(module.value(context))
     if record is not None:  # per image: heads * Tq * Tk * dim_head for each product
         record(f"{path}/qk", "matmul", math.prod(q.shape) * k.shape[1] // hidden_states.shape[0], 0)
         record(f"{path}/av", "matmul", math.prod(q.shape) * k.shape[1] // hidden_states.shape[0], 0)
-    q, k = operand_fn(f"{path}/qk", "a", q), operand_fn(f"{path}/qk", "w", k)
-    scores = jnp.einsum("b i d, b j d->b i j", q, k) * module.scale
-    probs = nn.softmax(scores, axis=-1)
-    probs, v = operand_fn(f"{path}/av", "a", probs), operand_fn(f"{path}/av", "w", v)
-    out = module.reshape_batch_dim_to_heads(jnp.einsum("b i j, b j d -> b i d", probs, v))
+    # quantize q, k, v once
+    qq, kk = operand_fn(f"{path}/qk", "a", q), operand_fn(f"{path}/qk", "w", k)
+    vv = operand_fn(f"{path}/av", "w", v)
+    observer = qq is q and kk is k and vv is v
+
+    def probs_fn(p):
+        return operand_fn(f"{path}/av", "a", p)
+
+    # attention: whole, or in query blocks
+    tq = q.shape[1]
+    if getattr(module, "use_memory_efficient_attention", False) and not observer and QUERY_CHUNK_SIZE < tq:
+        out = _attend_chunked(qq, kk, vv, module.scale, probs_fn, QUERY_CHUNK_SIZE)
+    else:
+        out = _attend(qq, kk, vv, module.scale, probs_fn)
+    out = module.reshape_batch_dim_to_heads(out)
     return module.dropout_layer(module.proj_attn(out), deterministic=deterministic)
 
 

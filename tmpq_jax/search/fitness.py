@@ -278,6 +278,7 @@ class Evaluator:
     chunk_size: int = 1
     sample_batch: int = 256
     schedule: diffusion.NoiseSchedule = diffusion.NoiseSchedule()  # the model's noise schedule and DDIM settings
+    decode_fn: Callable | None = None  # latent models: (params, latents) -> images (full precision)
     teachers: dict = dataclasses.field(default_factory=dict)  # NoiseSet -> FP teacher images
     cache: dict = dataclasses.field(default_factory=dict)  # (candidate key, NoiseSet, metric name) -> score
     sampled: int = 0  # candidate sampling runs so far (not counting cache hits)
@@ -289,6 +290,13 @@ class Evaluator:
                                                          sampler_kwargs=kw)
         self._fp = jax.jit(lambda params, ts, noise, labels: diffusion.ddim_sample(
             lambda x, t, y: self.apply_fn(params, x, t, y), self.abar, ts, noise, labels, **kw))
+        self._decode = jax.jit(self.decode_fn) if self.decode_fn is not None else None
+
+    def _images(self, samples) -> np.ndarray:
+        """Sampler outputs -> images: VAE-decoded for latent models (one batch at a time)."""
+        if self._decode is None:
+            return np.asarray(samples)
+        return np.asarray(self._decode(self.params, samples))
 
     def _batches(self, noise_set: NoiseSet):
         noise, labels = purpose_noise(noise_set.seed, noise_set.purpose, noise_set.n, self.sample_shape,
@@ -297,16 +305,18 @@ class Evaluator:
             yield noise[i:i + self.sample_batch], labels[i:i + self.sample_batch]
 
     def sample(self, timesteps, w_bits, a_bits, noise_set: NoiseSet) -> np.ndarray:
-        """Images (P, n, H, W, C) in [-1, 1] of a population."""
+        """Images (P, n, H, W, C) in [-1, 1] of a population (decoded, for latent models)."""
         pop = (jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32), jnp.asarray(timesteps, jnp.int32))
-        outs = [np.asarray(self._sampler(pop, (self.abar, self.params, self.tables, noise, labels)))
-                for noise, labels in self._batches(noise_set)]
+        outs = []
+        for noise, labels in self._batches(noise_set):
+            out = self._sampler(pop, (self.abar, self.params, self.tables, noise, labels))
+            outs.append(np.stack([self._images(o) for o in out]) if self._decode is not None else np.asarray(out))
         self.sampled += len(pop[0])
         return np.concatenate(outs, axis=1)
 
     def sample_fp(self, timesteps, noise_set: NoiseSet) -> np.ndarray:
         ts = jnp.asarray(diffusion.validate_timesteps(np.asarray(timesteps), self.schedule.num_train_timesteps))
-        return np.concatenate([np.asarray(self._fp(self.params, ts, noise, labels))
+        return np.concatenate([self._images(self._fp(self.params, ts, noise, labels))
                                for noise, labels in self._batches(noise_set)])
 
     def teacher(self, noise_set: NoiseSet) -> np.ndarray:

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from tmpq_jax import checkpoint, data, diffusion, models, quant
+from tmpq_jax import checkpoint, data, diffusion, models, quant, text
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve
@@ -31,6 +31,7 @@ from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, check
 from tmpq_jax.search.space import Genome, SearchSpace
 from tmpq_jax.visual import save_grid, save_plots
 
+MATMUL_PRECISIONS = ("highest", "high", "default")  # jax_default_matmul_precision (TPU: 'default' = bf16 passes)
 BASELINES = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits")
 SINGLE_AXIS = {"timestep_only": dict(search_timesteps=True, search_bits=False),
                "precision_only": dict(search_timesteps=False, search_bits=True)}
@@ -84,9 +85,26 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         if name not in BASELINES:
             raise ValueError(f"config.baselines has unknown entry {name!r}; valid: {BASELINES}")
     # metrics and their reference data, against the model
-    check_metric_for_model(c.metric, c.fitness_reference, spec.sample_shape, "metric")
+    check_metric_for_model(c.metric, c.fitness_reference, spec.image_shape, "metric")
     for name in c.report_metrics:
-        check_metric_for_model(name, c.report_reference, spec.sample_shape, "report_metrics")
+        check_metric_for_model(name, c.report_reference, spec.image_shape, "report_metrics")
+    # text conditioning, guidance, attention and matmul precision
+    g = c.get("guidance_scale", 1.0)
+    need("guidance_scale", isinstance(g, (int, float)) and math.isfinite(g) and g >= 1.0,
+         ">= 1 (1: no classifier-free guidance; > 1: two UNet passes per step)")
+    if g != 1.0 and spec.conditioning != "text":
+        raise ValueError(f"config.guidance_scale={g} needs a text-conditioned model; {spec.name!r} is "
+                         f"{spec.conditioning!r}-conditioned (valid: 1.0)")
+    if spec.conditioning == "text":
+        if not (c.get("prompts_file", "") or c.get("prompt_embeds", "")):
+            raise ValueError("a text-to-image model needs prompts: set --config.prompts_file=FILE (one prompt per "
+                             "line, e.g. experiments/prompts/smoke.txt) or --config.prompt_embeds=FILE.npz")
+        for name in ("prompts_file", "prompt_embeds"):
+            if c.get(name, "") and not Path(c[name]).is_file():
+                raise FileNotFoundError(f"config.{name}={c[name]!r} does not exist")
+    for name in ("memory_efficient_attention", "split_head_dim"):
+        need(name, isinstance(c.get(name, False), bool), "True or False")
+    need("matmul_precision", c.get("matmul_precision", "highest") in MATMUL_PRECISIONS, str(MATMUL_PRECISIONS))
     if METRICS[c.metric].needs_reference and c.fitness_reference == c.report_reference:
         raise ValueError(f"config.fitness_reference={c.fitness_reference!r} equals config.report_reference: the "
                          "reported metric must not compare with the data the fitness saw (e.g. 'mnist-fitness' "
@@ -109,7 +127,18 @@ def resolve_spec(c) -> models.ModelSpec:
     if c.model not in models.FAMILIES:
         raise ValueError(f"config.model_dir is set, so config.model must be a model family, one of "
                          f"{sorted(models.FAMILIES)}; got {c.model!r} (an embedded model name)")
-    return models.read_spec(model_dir, c.model)
+    return dataclasses.replace(models.read_spec(model_dir, c.model), **spec_overrides(c))
+
+
+def spec_overrides(c) -> dict:
+    """Config settings that change the model function: guidance and the attention path (text models)."""
+    out = {}
+    if c.get("guidance_scale", 1.0) != 1.0:
+        out["guidance_scale"] = float(c.guidance_scale)
+    if c.get("memory_efficient_attention", False) or c.get("split_head_dim", False):
+        out["attention"] = {"use_memory_efficient_attention": bool(c.get("memory_efficient_attention", False)),
+                            "split_head_dim": bool(c.get("split_head_dim", False))}
+    return out
 
 
 def fingerprint(c: ml_collections.ConfigDict, checkpoint_sha: str) -> dict:
@@ -121,7 +150,13 @@ def fingerprint(c: ml_collections.ConfigDict, checkpoint_sha: str) -> dict:
 
 def model_sha(c) -> str:
     """sha256 of the model's weights: the checkpoint file, or every config and weight file of `model_dir`."""
-    return models.folder_digest(c.model_dir) if c.get("model_dir", "") else _sha(c.checkpoint)
+    if not c.get("model_dir", ""):
+        return _sha(c.checkpoint)
+    h = hashlib.sha256(models.folder_digest(c.model_dir).encode())
+    for name in ("prompts_file", "prompt_embeds"):  # text models: the prompts are part of the model function
+        if c.get(name, ""):
+            h.update(name.encode() + _sha(c[name]).encode())
+    return h.hexdigest()
 
 
 def _sha(path) -> str:
@@ -145,12 +180,26 @@ class Problem:
     space: SearchSpace
     budget: Budget
     checkpoint_sha: str
+    decode_fn: Any = None  # latent models: (params, latents) -> images, full precision, not in BitOPs
+    prompts: tuple[str, ...] = ()  # text models: prompt i % P conditions sample i
 
 
-def build_problem(c) -> Problem:
+def build_problem(c, workdir: Path | None = None) -> Problem:
+    """Load the model (a text model's prompts are encoded or read here, cached in `workdir`), find its sites."""
+    prompts = ()
     if c.get("model_dir", ""):
+        spec = resolve_spec(c)
+        overrides = spec_overrides(c)
+        pe = None
+        if spec.conditioning == "text":
+            pe = text.prompt_embeddings(c.get("prompts_file", "") or None, c.get("prompt_embeds", "") or None,
+                                        c.model_dir, workdir, spec.cross_attention_dim, c.get("negative_prompt", ""))
+            overrides["num_classes"] = pe.num_prompts
+            prompts = tuple(pe.prompts)
         print(f"loading {c.model} model from {c.model_dir}", flush=True)
-        model, params, spec = models.from_pretrained(c.model_dir, family=c.model)
+        model, params, spec = models.from_pretrained(c.model_dir, family=c.model, **overrides)
+        if pe is not None:  # the prompt tables are data, not quantized
+            params = {**params, "prompt_embeds": jnp.asarray(pe.embeds), "negative_embeds": jnp.asarray(pe.negative)}
     else:
         spec = models.get_spec(c.model)
         model = models.build_model(spec)
@@ -160,14 +209,19 @@ def build_problem(c) -> Problem:
     def apply_fn(p, *a):
         return model.apply({"params": p}, *a)
 
+    decode_fn = (lambda p, z: model.apply({"params": p}, z, method="decode")) if spec.decoder else None
     rules = [quant.QuantRule(**dict(r)) for r in c.rules] + (list(quant.DEFAULT_RULES) if c.probs_8bit else [])
     sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules)
+    if spec.unet_passes_per_step > 1:  # classifier-free guidance: every site runs once per pass
+        sites = quant.SiteTable(tuple(dataclasses.replace(s, macs=s.macs * spec.unet_passes_per_step)
+                                      for s in sites.sites))
     space = SearchSpace.create(c.num_steps, len(sites), list(c.bit_choices), c.spacing, list(c.group_starts) or None,
                                seed_bits=c.seed_bits, num_train_timesteps=spec.schedule.num_train_timesteps)
     budget = Budget.create(sites, space, int(c.budget_bitops) or None, c.budget_bits)
     print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
-          f"{int(sites.macs.sum()):,} MACs/step; budget {budget.limit:,} BitOPs", flush=True)
-    return Problem(spec, apply_fn, params, sites, space, budget, sha)
+          f"{int(sites.macs.sum()):,} MACs/step ({spec.unet_passes_per_step} UNet pass(es) per step); budget "
+          f"{budget.limit:,} BitOPs", flush=True)
+    return Problem(spec, apply_fn, params, sites, space, budget, sha, decode_fn, prompts)
 
 
 # --- stage 2: metrics ------------------------------------------------------------------------------------------------
@@ -203,14 +257,22 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
     noise = jax.random.normal(jax.random.key(c.seed + 7919), (c.calib_samples, *spec.sample_shape))
     labels = (jnp.arange(c.calib_samples) % max(spec.num_classes, 1)).astype(jnp.int32)
     ts = diffusion.uniform_timesteps(c.calib_steps, spec.schedule.num_train_timesteps)
-    print(f"calibration: FP DDIM trajectories, {c.calib_steps} timesteps x {c.calib_samples} samples", flush=True)
+    # 1. FP DDIM trajectories in chunks of calib_batch samples, collected on the host
     apply_fn = problem.apply_fn
-    _, traj = jax.jit(lambda p: diffusion.ddim_sample(lambda x, t, y: apply_fn(p, x, t, y), abar, ts, noise, labels,
-                                                      return_trajectory=True, **spec.schedule.sampler_kwargs())
-                      )(problem.params)
+    traj_fn = jax.jit(lambda p, z, y: diffusion.ddim_sample(lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z, y,
+                                                            return_trajectory=True,
+                                                            **spec.schedule.sampler_kwargs())[1].x)
+    chunk = min(c.calib_batch, c.calib_samples)
+    compiled = traj_fn.lower(problem.params, noise[:chunk], labels[:chunk]).compile()
+    print(calibration_memory(c, spec, problem.params, compiled), flush=True)
+    xs = []
+    for i in range(0, c.calib_samples, chunk):
+        z, y = noise[i:i + chunk], labels[i:i + chunk]
+        xs.append(np.asarray((compiled if len(z) == chunk else traj_fn)(problem.params, z, y)))
     m = c.calib_steps * c.calib_samples
-    inputs = (traj.x.reshape(m, *spec.sample_shape), jnp.repeat(traj.t, c.calib_samples),
-              jnp.tile(labels, c.calib_steps))
+    # 2. UNet inputs (x_t, t, label), timesteps mixed across batches, consumed batch by batch
+    inputs = (np.concatenate(xs, axis=1).reshape(m, *spec.sample_shape), np.repeat(ts, c.calib_samples),
+              np.tile(np.asarray(labels), c.calib_steps))
     perm = np.random.default_rng(c.seed).permutation(m)  # mix timesteps across batches
     inputs = tuple(a[perm] for a in inputs)
     tables = quant.calibrate(apply_fn, problem.params, sites, quant.trajectory_batches(inputs, c.calib_batch),
@@ -219,9 +281,23 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
     return tables
 
 
+def calibration_memory(c, spec: models.ModelSpec, params, compiled) -> str:
+    """What calibration will hold: the trajectories on the host, params and XLA's estimate for one chunk."""
+    host = c.calib_steps * c.calib_samples * math.prod(spec.sample_shape) * 4
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    mem = compiled.memory_analysis()
+    chunk = (f"{(mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20:,.0f} MiB per chunk of "
+             f"{min(c.calib_batch, c.calib_samples)} trajectories (XLA estimate)") if mem is not None else \
+        "chunk memory unknown on this backend"
+    return (f"calibration: FP DDIM trajectories, {c.calib_steps} timesteps x {c.calib_samples} samples; memory: "
+            f"{host / 2**20:,.0f} MiB of trajectories on the host, params {param_bytes / 2**20:,.0f} MiB and "
+            f"{chunk} on {jax.devices()[0].device_kind}")
+
+
 def make_evaluator(c, problem: Problem, tables: quant.QuantTables) -> Evaluator:
     return Evaluator(problem.apply_fn, problem.sites, problem.params, tables, problem.spec.sample_shape,
-                     problem.spec.num_classes, c.strategy, c.chunk_size, c.sample_batch, problem.spec.schedule)
+                     problem.spec.num_classes, c.strategy, c.chunk_size, c.sample_batch, problem.spec.schedule,
+                     problem.decode_fn)
 
 
 # --- stage 4: teachers -------------------------------------------------------------------------------------------------
@@ -244,7 +320,7 @@ def teacher_images(c, problem: Problem, evaluator: Evaluator, noise_set: NoiseSe
     path = workdir / f"teacher_{noise_set.purpose}_{tag}.npz"
     if path.exists():
         images = np.load(path)["images"]
-        if images.shape == (noise_set.n, *problem.spec.sample_shape) and np.isfinite(images).all():
+        if images.shape == (noise_set.n, *problem.spec.image_shape) and np.isfinite(images).all():
             evaluator.teachers[noise_set] = images
             return images
     print(f"FP teacher: {c.reference_steps} DDIM steps on {noise_set}", flush=True)
@@ -442,8 +518,12 @@ def _num(x):
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = False) -> dict:
-    c = config
-    validate_config(c)
+    validate_config(config)
+    with jax.default_matmul_precision(config.get("matmul_precision", "highest")):
+        return _run_search(config, workdir, resume)
+
+
+def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dict:
     if c.multihost:
         jax.distributed.initialize()
     workdir = Path(workdir)
@@ -460,7 +540,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
         timing[f"{name}_seconds"] = time.time() - t0
         t0 = time.time()
 
-    problem = build_problem(c)
+    problem = build_problem(c, workdir)
     lap("load")
     metric_set = build_metrics(c)
     lap("metric_setup")
@@ -493,6 +573,14 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, resume: bool = F
                   "macs_per_step": int(problem.sites.macs.sum()), "quantized_sites": len(problem.sites),
                   "sites": dict(zip(problem.sites.paths, problem.sites.macs.tolist()))},
         "budget_bitops": problem.budget.limit,
+        "bitops_definition": (f"sum over quantized sites of MACs x w_bits x a_bits, per image, over all sampling steps; "
+                              f"{problem.spec.unet_passes_per_step} UNet pass(es) per step"
+                              + (f" (classifier-free guidance {problem.spec.guidance_scale})"
+                                 if problem.spec.unet_passes_per_step > 1 else "")
+                              + ("; the VAE decoder runs in full precision and is not counted"
+                                 if problem.spec.decoder else "")),
+        "matmul_precision": c.get("matmul_precision", "highest"),
+        "prompts": list(problem.prompts),
         "noise": {k: v.describe() for k, v in sets.items()},
         "references": {"fitness": c.fitness_reference, "report": c.report_reference},
         "reference": rep.entries["reference"], "best": rep.entries["best"],

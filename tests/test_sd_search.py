@@ -1,0 +1,107 @@
+"""A Stable Diffusion search end to end on a tiny SD-shaped pipeline saved by diffusers' PyTorch classes: prompts,
+guidance (BitOPs count both passes), VAE-decoded samples, and bad inputs failing before any long work."""
+
+import importlib.util
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tmpq_jax import models
+from tmpq_jax.search import run as search_run
+from tmpq_jax.text import PromptEmbeddings, save_prompt_embeds
+
+pytest.importorskip("torch")
+from sd_helpers import save_tiny_sd  # noqa: E402
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+CONTEXT_DIM = 16  # the tiny UNet's cross_attention_dim
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "experiments" / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    save_tiny_sd(path)
+    rng = np.random.default_rng(0)
+    embeds = tmp_path_factory.mktemp("text") / "embeds.npz"
+    save_prompt_embeds(embeds, PromptEmbeddings(("a cat", "a dog", "a boat"),
+                                                rng.normal(size=(3, 77, CONTEXT_DIM)).astype(np.float32),
+                                                rng.normal(size=(3, 77, CONTEXT_DIM)).astype(np.float32), "test"))
+    return path, embeds
+
+
+def tiny_sd_config(sd_folder, **overrides):
+    """The SD reference config shrunk to seconds: 2 steps, a population of 4, one generation."""
+    c = load_config("sd")
+    path, embeds = sd_folder
+    c.model_dir, c.prompt_embeds, c.prompts_file = str(path), str(embeds), ""
+    c.num_steps, c.population_size, c.generations = 2, 4, 1
+    c.num_parents, c.num_mutation, c.num_crossover = 2, 1, 1
+    c.search_samples, c.select_samples, c.final_samples, c.rescore_top_k = 3, 3, 3, 1
+    c.reference_steps, c.calib_steps, c.calib_samples, c.calib_batch, c.sample_batch = 3, 2, 3, 2, 3
+    c.baselines = ("uniform_w6a6",)
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def test_guidance_doubles_bitops_and_one_is_the_conditional_model(sd_folder):
+    with_g = search_run.build_problem(tiny_sd_config(sd_folder))
+    without = search_run.build_problem(tiny_sd_config(sd_folder, guidance_scale=1.0))
+    assert with_g.spec.unet_passes_per_step == 2 and without.spec.unet_passes_per_step == 1
+    np.testing.assert_array_equal(with_g.sites.macs, 2 * without.sites.macs)
+    assert with_g.budget.limit == 2 * without.budget.limit
+    assert with_g.sites.paths == without.sites.paths and not any("vae" in p for p in with_g.sites.paths)
+    # guidance 1.0: exactly the conditional UNet on the prompt rows
+    x = np.random.default_rng(1).normal(size=(3, 8, 8, 4)).astype(np.float32)
+    t, idx = jnp.array([900, 500, 10], jnp.int32), jnp.array([0, 1, 2], jnp.int32)
+    model = models.build_model(without.spec)
+    cond = model.apply({"params": without.params}, x, t, without.params["prompt_embeds"][idx], method="denoise")
+    np.testing.assert_allclose(without.apply_fn(without.params, x, t, idx), cond, rtol=1e-6, atol=1e-6)
+
+
+def test_one_generation_sd_search_writes_decoded_samples(sd_folder, tmp_path):
+    c = tiny_sd_config(sd_folder)
+    search_run.run_search(c, str(tmp_path))
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["model"]["family"] == "sd" and r["model"]["unet_passes_per_step"] == 2
+    assert r["model"]["image_shape"] == [16, 16, 3] and r["model"]["sample_shape"] == [8, 8, 4]
+    assert "VAE decoder runs in full precision" in r["bitops_definition"] and "2 UNet pass" in r["bitops_definition"]
+    assert r["prompts"] == ["a cat", "a dog", "a boat"] and r["model"]["schedule"]["beta_schedule"] == "scaled_linear"
+    assert r["best"]["bitops"] <= r["budget_bitops"]
+    images = np.load(tmp_path / "samples_best.npz")["images"]
+    assert images.shape == (3, 16, 16, 3) and 0.0 <= images.min() and images.max() <= 1.0
+    assert (tmp_path / "samples_best.png").is_file()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(guidance_scale=0.5), r"guidance_scale=0.5 is invalid; valid: >= 1"),
+    (dict(prompt_embeds=""), "needs prompts"),
+    (dict(prompt_embeds="/nonexistent/embeds.npz"), "does not exist"),
+    (dict(model_dir="/nonexistent/sd"), "does not exist.*download"),
+])
+def test_bad_sd_inputs_fail_at_validation(sd_folder, overrides, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        search_run.validate_config(tiny_sd_config(sd_folder, **overrides))
+
+
+def test_embeddings_of_the_wrong_width_fail_before_loading(sd_folder, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, prompt_embeds=np.zeros((2, 77, 8), np.float32))
+    with pytest.raises(ValueError, match=r"prompt_embeds has shape \(2, 77, 8\).*\(n, 77, 16\)"):
+        search_run.build_problem(tiny_sd_config(sd_folder, prompt_embeds=str(bad)))
+
+
+def test_guidance_needs_a_text_model():
+    c = load_config("tiny")
+    c.guidance_scale = 2.0
+    with pytest.raises(ValueError, match="needs a text-conditioned model"):
+        search_run.validate_config(c)
