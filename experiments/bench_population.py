@@ -1,6 +1,8 @@
 """Throughput of population evaluation: img/s of one UNet forward per candidate, and of whole DDIM runs.
 
 python experiments/bench_population.py --model mnist-small --out benchmarks/population_cpu.json
+python experiments/bench_population.py --model sd-1.x --dtype bfloat16 --pop 4 --batch 2 --steps 4 \
+    --out benchmarks/population_sd-1.x_<device>.json     # random weights; text model with guidance 7.5
 
 Cases: plain fp32 and bf16 forwards at the total batch P*B, a fake-quant single candidate at P*B, and each
 population strategy (P candidates x B images, weights quantized per candidate inside the timed call). Each row also
@@ -28,22 +30,52 @@ flags.DEFINE_list("cases", "fp32,bf16,fakequant_single,loop,vmap,map,auto,sample
                   "Cases to run, in order. sample_* time a whole --steps DDIM run (weights quantized once per run, as "
                   "in the search) and compare with sample_fp32.")
 flags.DEFINE_integer("steps", 10, "DDIM steps of the sample_* cases.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model and params dtype of every case but bf16 "
+                  "(which is always bfloat16).")
+flags.DEFINE_enum("init", "auto", ["auto", "model", "random"], "Params: the model's initialisers ('model'), or "
+                  "scaled random normals from `jax.eval_shape` shapes ('random': no init compile, for 860M-param "
+                  "UNets); 'auto' = random above 100M params.")
+
+
+def random_params(shapes, key, dtype):
+    """N(0, 1/fan_in) kernels, zero biases, unit norm scales: enough for timing, never an init of the model."""
+    leaves, tree = jax.tree.flatten_with_path(shapes)
+    out = []
+    for i, (path, s) in enumerate(leaves):
+        name = str(path[-1])
+        if "scale" in name:
+            out.append(jnp.ones(s.shape, dtype))
+        elif "bias" in name or len(s.shape) < 2:
+            out.append(jnp.zeros(s.shape, dtype))
+        else:
+            fan_in = max(1, int(np.prod(s.shape[:-1])))
+            out.append((jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.float32) / np.sqrt(fan_in))
+                       .astype(dtype))
+    return jax.tree.unflatten(tree, out)
 
 
 def main(argv):
     del argv
     spec = models.get_spec(FLAGS.model)
-    model = models.build_model(spec)
+    dtype = jnp.dtype(FLAGS.dtype)
+    model = models.build_model(spec, dtype=dtype)
     model16 = models.build_model(spec, dtype=jnp.bfloat16)
-    params = models.init_params(spec, jax.random.key(0))
+    shapes = models.param_shapes(spec)
+    big = models.count_params(shapes) > 100e6
+    if FLAGS.init == "random" or (FLAGS.init == "auto" and big):
+        params = random_params(shapes, jax.random.key(0), dtype)
+    else:
+        params = jax.tree.map(lambda a: a.astype(dtype), models.init_params(spec, jax.random.key(0)))
+    print(f"{spec.name}: {models.count_params(params):,} params ({FLAGS.dtype}) on {jax.devices()[0].device_kind}",
+          flush=True)
     p, b = FLAGS.pop, FLAGS.batch
     n = p * b
 
     def apply_fn(prm, *a):
         return model.apply({"params": prm}, *a)
 
-    sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec))
-    x = jax.random.normal(jax.random.key(1), (n, *spec.sample_shape))
+    sites = quant.discover_sites(apply_fn, shapes, models.example_inputs(spec))
+    x = jax.random.normal(jax.random.key(1), (n, *spec.sample_shape)).astype(dtype)
     t = jnp.full((n,), 500, jnp.int32)
     y = jnp.arange(n, dtype=jnp.int32) % max(spec.num_classes, 1)
     calib = (x[: min(n, 64)], t[: min(n, 64)], y[: min(n, 64)])
@@ -81,16 +113,17 @@ def main(argv):
         runners[strategy] = make
 
     # whole sampling runs: what one search evaluation costs per image
-    abar = jnp.asarray(diffusion.alphas_cumprod(), jnp.float32)
-    steps = jnp.asarray(diffusion.quad_timesteps(FLAGS.steps), jnp.int32)
+    abar = jnp.asarray(spec.schedule.alphas_cumprod(), jnp.float32)
+    steps = jnp.asarray(diffusion.quad_timesteps(FLAGS.steps, spec.schedule.num_train_timesteps), jnp.int32)
+    kw = spec.schedule.sampler_kwargs()
     runners["sample_fp32"] = lambda: (jax.jit(lambda prm, noise, yy: diffusion.ddim_sample(
-        lambda xx, tt, yyy: plain(prm, xx, tt, yyy), abar, steps, noise, yy)), (params, x, y))
+        lambda xx, tt, yyy: plain(prm, xx, tt, yyy), abar, steps, noise, yy, **kw)), (params, x, y))
     for strategy in quant.STRATEGIES:
         if strategy == "sharded" and jax.device_count() == 1:
             continue
 
         def make_sampler(strategy=strategy):
-            sampler = sampling.make_population_sampler(apply_fn, sites, strategy)
+            sampler = sampling.make_population_sampler(apply_fn, sites, strategy, sampler_kwargs=kw)
             pop = (w_pop, a_pop, jnp.tile(steps, (p, 1)))
             return (lambda pop, shared: sampler(pop, shared)), (pop, (abar, params, tables, xs[0], ys[0]))
 
@@ -98,7 +131,8 @@ def main(argv):
     rows, plain_ips = [], {}  # the fp32 img/s each row is compared with: per forward and per sampling run
     out = Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**environment(), "model": spec.name, "params": models.count_params(params), "sites": len(sites),
+    meta = {**environment(), "model": spec.name, "params": models.count_params(params), "dtype": FLAGS.dtype,
+            "unet_passes_per_step": spec.unet_passes_per_step, "sites": len(sites),
             "macs_per_image": int(sites.macs.sum()), "P": p, "B": b,
             "auto_strategy": quant.auto_strategy()}
     print(f"{'case':18s} {'img/s':>10s} {'vs fp32':>8s} {'compile s':>9s}")

@@ -229,11 +229,24 @@ def _cli(*args, cache):
                                                                                       "TMPQ_CACHE": str(cache)})
 
 
+def _write_cifar_test_batch(root, images):
+    """A cifar-10-batches-py directory holding only `test_batch` (uint8 rows, channel-major, as the original)."""
+    import pickle
+
+    root.mkdir()
+    rows = np.round(images * 255).astype(np.uint8).transpose(0, 3, 1, 2).reshape(len(images), -1)
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump({b"data": rows, b"labels": list(range(len(images)))}, f)
+
+
 def test_cli_features_stats_fid(inception, fid_cache, tmp_path):
-    a, b = _random_images(5, 5, 28, 1), _random_images(6, 6, 32, 3)
+    a, b = np.round(_random_images(5, 5, 32, 3) * 255) / 255, _random_images(6, 6, 32, 3)
     np.savez(tmp_path / "a.npz", images=a)
     np.savez(tmp_path / "b.npz", images=b)
-    out = _cli("stats", "--images", str(tmp_path / "a.npz"), "--out", str(tmp_path / "sa.npz"), cache=fid_cache)
+    # statistics straight from the user's cifar-10-batches-py directory (here: `a` as its test split)
+    _write_cifar_test_batch(tmp_path / "cifar-10-batches-py", a)
+    out = _cli("stats", "--images", str(tmp_path / "cifar-10-batches-py"), "--split", "test", "--out",
+               str(tmp_path / "sa.npz"), cache=fid_cache)
     assert out.returncode == 0, out.stderr[-2000:]
     out = _cli("fid", str(tmp_path / "sa.npz"), str(tmp_path / "b.npz"), "--json", str(tmp_path / "f.json"),
                cache=fid_cache)
@@ -259,3 +272,7 @@ def test_cli_errors(fid_cache, tmp_path):
     assert out.returncode != 0 and "fid takes two .npz files" in out.stderr
     out = _cli("stats", "--images", str(tmp_path / "bad.npz"), cache=tmp_path / "empty")
     assert out.returncode != 0 and "--out is required" in out.stderr
+    _write_cifar_test_batch(tmp_path / "cifar", np.zeros((2, 32, 32, 3), np.float32))
+    out = _cli("stats", "--images", str(tmp_path / "cifar"), "--split", "train", "--out", str(tmp_path / "s.npz"),
+               cache=fid_cache)
+    assert out.returncode != 0 and "data_batch_1" in out.stderr and "is missing" in out.stderr

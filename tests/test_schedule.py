@@ -1,5 +1,6 @@
 """NoiseSchedule vs diffusers' DDIMScheduler, v-prediction DDIM, latents without clipping, classifier-free guidance."""
 
+import dataclasses
 import json
 
 import jax
@@ -69,9 +70,12 @@ def test_rescale_zero_terminal_snr_matches_diffusers():
 def test_default_schedule_is_the_mnist_one():
     s = NoiseSchedule()
     np.testing.assert_array_equal(s.alphas_cumprod(), diffusion.alphas_cumprod())
-    assert s.sampler_kwargs() == {"prediction_type": "epsilon", "clip_x0": 1.0, "final_abar": 1.0}
-    assert NoiseSchedule.from_scheduler_config(s.to_dict()) == s
-    assert NoiseSchedule.from_scheduler_config(json.loads(json.dumps(s.to_dict()))) == s
+    assert s.sampler_kwargs() == {"prediction_type": "epsilon", "clip_x0": 1.0, "final_abar": 1.0,
+                                  "clipped_eps": True}
+    # a scheduler config always means diffusers' DDIM step (the model's own eps after clipping x0)
+    folder = dataclasses.replace(s, clipped_model_output=False)
+    assert NoiseSchedule.from_scheduler_config(s.to_dict()) == folder
+    assert NoiseSchedule.from_scheduler_config(json.loads(json.dumps(s.to_dict()))) == folder
 
 
 # --- configs ------------------------------------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def test_missing_keys_take_the_class_defaults():
     s = NoiseSchedule.from_scheduler_config({"_class_name": "PNDMScheduler", **SD})
     assert s.sampler_kwargs()["clip_x0"] is None and not s.set_alpha_to_one
     # no class: DDIMScheduler's defaults
-    assert NoiseSchedule.from_scheduler_config({}) == NoiseSchedule()
+    assert NoiseSchedule.from_scheduler_config({}) == NoiseSchedule(clipped_model_output=False)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
@@ -155,7 +159,7 @@ def test_ignored_keys():
 def test_from_folder(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "scheduler_config.json").write_text(json.dumps(CIFAR10))
-    assert NoiseSchedule.from_folder(tmp_path / "model") == NoiseSchedule()
+    assert NoiseSchedule.from_folder(tmp_path / "model") == NoiseSchedule(clipped_model_output=False)
     (tmp_path / "pipe" / "scheduler").mkdir(parents=True)
     (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD21))
     assert NoiseSchedule.from_folder(tmp_path / "pipe").prediction_type == "v_prediction"
@@ -226,6 +230,27 @@ def test_ddim_matches_diffusers_step_loop(prediction_type):
                                 jnp.asarray(x), None, **s.sampler_kwargs())
     assert np.abs(xt.numpy()).max() > 1.0  # latents: nothing clipped
     np.testing.assert_allclose(out, xt.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_clipped_folder_schedule_matches_diffusers_ddim_pipeline_steps():
+    """A folder's clip_sample=True (google/ddpm-cifar10-32): x0 clipped, the model's own eps kept, as diffusers'
+    DDIMScheduler.step does by default (use_clipped_model_output=False); then the output clipped to [-1, 1]."""
+    s = NoiseSchedule.from_scheduler_config(CIFAR10)
+    assert s.clip_sample and not s.clipped_model_output and "clipped_model_output" not in s.to_dict()
+    ref = DDIMScheduler.from_config(CIFAR10)
+    ref.set_timesteps(10)
+    x = 2.0 * np.random.default_rng(2).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    for t in ref.timesteps:
+        xt = ref.step(0.3 * xt + float(np.sin(int(t) / 100.0)), t, xt, eta=0.0).prev_sample
+    out = diffusion.ddim_sample(_toy_jax, jnp.asarray(s.alphas_cumprod(), jnp.float32),
+                                jnp.asarray(ref.timesteps.numpy()), jnp.asarray(x), None, **s.sampler_kwargs())
+    np.testing.assert_allclose(out, np.clip(xt.numpy(), -1, 1), rtol=1e-5, atol=1e-5)
+    # the project's own default re-derives eps from the clipped x0, which differs here
+    other = diffusion.ddim_sample(_toy_jax, jnp.asarray(s.alphas_cumprod(), jnp.float32),
+                                  jnp.asarray(ref.timesteps.numpy()), jnp.asarray(x), None,
+                                  **{**s.sampler_kwargs(), "clipped_eps": True})
+    assert np.abs(np.asarray(other) - np.asarray(out)).max() > 1e-3
 
 
 def _old_ddim_sample(eps_fn, abar, timesteps, noise, labels, clip_x0=True):

@@ -22,7 +22,14 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or does not match the model."""
 
 
+def is_primary() -> bool:
+    """Whether this process writes files: the only process, or process 0 of a multi-host run."""
+    return jax.process_index() == 0
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
+    if not is_primary():  # multi-host: only process 0 writes
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:

@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 
 MAX_LENGTH = 77
@@ -176,6 +177,8 @@ def load_prompt_embeds(path: str | os.PathLike, context_dim: int | None = None,
 def save_prompt_embeds(path: str | os.PathLike, pe: PromptEmbeddings) -> Path:
     """Write `pe` as the `.npz` that `load_prompt_embeds` reads (atomically)."""
     p = Path(path)
+    if jax.process_index() != 0:  # multi-host: only process 0 writes
+        return p
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp.npz")
     np.savez(tmp, prompt_embeds=pe.embeds, negative_prompt_embeds=pe.negative,

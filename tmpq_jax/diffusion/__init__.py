@@ -67,12 +67,13 @@ def _clip_range(clip_x0) -> float | None:
 
 
 def ddim_step(x: jax.Array, eps: jax.Array, abar_t: jax.Array, abar_prev: jax.Array,
-              clip_x0: bool | float | None = True, *, prediction_type: str = "epsilon"):
+              clip_x0: bool | float | None = True, *, prediction_type: str = "epsilon", clipped_eps: bool = True):
     """One deterministic DDIM update (eta = 0). Returns (x_prev, x0_hat).
 
     `eps` is the model output: epsilon, v (x0 = sqrt(abar) x - sqrt(1-abar) v, eps = sqrt(1-abar) x + sqrt(abar) v;
     Salimans & Ho 2022, Sec. 4) or x0 (`prediction_type` 'sample'). `clip_x0` (True: 1.0, a range r, or
-    False/None for none) clips x0_hat to [-r, r] and re-derives eps from it.
+    False/None for none) clips x0_hat to [-r, r] and, if `clipped_eps`, re-derives eps from it (diffusers' DDIM
+    keeps the model's eps: `use_clipped_model_output=False`).
     """
     # 1. x0_hat and eps_hat from the model output
     if prediction_type == "epsilon":
@@ -90,7 +91,8 @@ def ddim_step(x: jax.Array, eps: jax.Array, abar_t: jax.Array, abar_prev: jax.Ar
     r = _clip_range(clip_x0)
     if r is not None:
         x0 = jnp.clip(x0, -r, r)
-        eps = (x - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
+        if clipped_eps:
+            eps = (x - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
     # 3. DDIM eq. 12, sigma = 0
     return jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1.0 - abar_prev) * eps, x0
 
@@ -104,7 +106,7 @@ class Trajectory(NamedTuple):
 
 def ddim_sample(eps_fn: EpsFn, abar: jax.Array, timesteps: jax.Array, noise: jax.Array, labels: jax.Array,
                 clip_x0: bool | float | None = True, return_trajectory: bool = False, *,
-                prediction_type: str = "epsilon", final_abar: float | jax.Array = 1.0):
+                prediction_type: str = "epsilon", final_abar: float | jax.Array = 1.0, clipped_eps: bool = True):
     """DDIM (eta = 0) from `noise` over `timesteps` (N,), strictly descending ints in [0, T).
 
     A pure function of its arrays: jit it, vmap it over a population of timestep lists, or `lax.map` it.
@@ -112,7 +114,8 @@ def ddim_sample(eps_fn: EpsFn, abar: jax.Array, timesteps: jax.Array, noise: jax
     `eps_fn` as is (any pytree, e.g. the (cond, uncond) pair of `guided`).
     `clip_x0`: True (the default) clips x0_hat and the output to [-1, 1]; a number r clips both to [-r, r]; None
     clips nothing (latents); False leaves x0_hat unclipped but clips the output to [-1, 1] (existing callers).
-    `prediction_type`: see `ddim_step`. `final_abar`: abar_prev of the last step (diffusers' final_alpha_cumprod).
+    `prediction_type`, `clipped_eps`: see `ddim_step`. `final_abar`: abar_prev of the last step (diffusers'
+    final_alpha_cumprod).
     Returns x_0 (and the Trajectory of UNet inputs if asked).
     """
     # 1. abar_t and abar_prev per step; abar_prev after the last step is final_abar
@@ -126,7 +129,8 @@ def ddim_sample(eps_fn: EpsFn, abar: jax.Array, timesteps: jax.Array, noise: jax
     def body(x, step):
         t, a_t, a_prev = step
         eps = eps_fn(x, jnp.full((x.shape[0],), t, jnp.int32), labels)
-        x_prev, x0 = ddim_step(x, eps, a_t, a_prev, clip_x0, prediction_type=prediction_type)
+        x_prev, x0 = ddim_step(x, eps, a_t, a_prev, clip_x0, prediction_type=prediction_type,
+                               clipped_eps=clipped_eps)
         return x_prev, (x if return_trajectory else None)
 
     x, xs = jax.lax.scan(body, noise, (timesteps, abar_t, abar_prev))

@@ -175,6 +175,9 @@ class NoiseSchedule:
     trained_betas: tuple[float, ...] | None = None
     rescale_betas_zero_snr: bool = False  # Lin et al. 2024: abar_T = 0, so eps-prediction fails at t = T-1
     timestep_spacing: str = "leading"  # only for `default_timesteps`
+    # after clipping x0: re-derive eps from the clipped x0 (True: the project's own MNIST models) or keep the model's
+    # eps (False: diffusers' DDIM default, use_clipped_model_output=False; set for every folder's scheduler config)
+    clipped_model_output: bool = True
 
     def __post_init__(self):
         if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
@@ -210,7 +213,7 @@ class NoiseSchedule:
         """Keyword arguments of `ddim_sample` for this schedule (clip_x0 None: nothing is clipped, e.g. latents)."""
         return {"prediction_type": self.prediction_type,
                 "clip_x0": float(self.clip_sample_range) if self.clip_sample else None,
-                "final_abar": self.final_alpha_cumprod()}
+                "final_abar": self.final_alpha_cumprod(), "clipped_eps": self.clipped_model_output}
 
     def default_timesteps(self, num_steps: int) -> np.ndarray:
         """The DDIM timesteps diffusers' `DDIMScheduler.set_timesteps(num_steps)` gives (Lin et al. 2024, Table 2),
@@ -235,6 +238,7 @@ class NoiseSchedule:
     def to_dict(self) -> dict:
         """JSON-ready diffusers scheduler keys (`DDIMScheduler(**d)` and `from_scheduler_config(d)` accept it)."""
         d = dataclasses.asdict(self)
+        d.pop("clipped_model_output")  # not a scheduler config key: folders always use diffusers' behaviour
         d["trained_betas"] = None if self.trained_betas is None else list(self.trained_betas)
         return d
 
@@ -263,6 +267,7 @@ class NoiseSchedule:
             else:
                 raise ValueError(f"{w}unknown scheduler config key {key!r} (value {value!r}); valid keys: "
                                  f"{', '.join(names)}; ignored: {', '.join([*IGNORED_KEYS, *RESTRICTED_KEYS])}")
+        values["clipped_model_output"] = False  # as diffusers' DDIMScheduler.step by default
         _check_fields(values, source)
         if values["trained_betas"] is not None:
             values["trained_betas"] = tuple(float(b) for b in values["trained_betas"])

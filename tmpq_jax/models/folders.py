@@ -87,5 +87,25 @@ def save_unet2d(src: Path, spec: ModelSpec, params: Any, out: Path) -> None:
     checkpoint.save_tree(out / unet2d.FLAX_WEIGHTS, params)
 
 
+# The published google/ddpm-cifar10-32 configs, for benchmarks and shapes with random weights (a downloaded folder
+# loads with --config.model_dir / from_pretrained)
+DDPM_CIFAR10_CONFIG = {
+    "_class_name": UNET2D_CLASS, "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], "downsample_padding": 0,
+    "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}
+DDPM_CIFAR10_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+                          "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000,
+                          "trained_betas": None, "variance_type": "fixed_large"}
+UNET2D_SPECS = {"ddpm-cifar10-32": ModelSpec(
+    name="ddpm-cifar10-32", unet=unet2d.check_unet2d_config(DDPM_CIFAR10_CONFIG), image_size=32, channels=3,
+    num_classes=0, description="google/ddpm-cifar10-32 shapes (35.7M params), random weights unless loaded from "
+                               "its folder", family="unet2d", conditioning="none",
+    schedule=NoiseSchedule.from_scheduler_config(DDPM_CIFAR10_SCHEDULER))}
+
+
 register_model(ModelFamily("unet2d", build_unet2d, unet2d_inputs, read_unet2d_spec, load_unet2d_params, _is_unet2d,
-                           save_unet2d, doc="diffusers UNet2DModel folders (DDPM CIFAR-10, LDM UNets), ported to Flax"))
+                           save_unet2d, doc="diffusers UNet2DModel folders (DDPM CIFAR-10, LDM UNets), ported to Flax"),
+               UNET2D_SPECS)

@@ -521,7 +521,34 @@ def save_sd(src: Path, spec: ModelSpec, params: Any, out: Path) -> None:
             shutil.copytree(src / name, out / name, dirs_exist_ok=True)
 
 
+def _named_spec(name: str, unet_cfg: dict, vae_cfg: dict, schedule: NoiseSchedule, description: str) -> ModelSpec:
+    """A built-in SD spec (random weights via `param_shapes` / benchmarks): one prompt row, guidance 7.5."""
+    unet, vae = check_sd_unet_config(unet_cfg, name), check_sd_vae_config(vae_cfg, name)
+    side = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelSpec(name=name, unet=unet, image_size=unet["sample_size"], channels=unet["in_channels"],
+                     num_classes=1, description=description, family="sd", conditioning="text", schedule=schedule,
+                     guidance_scale=7.5, decoder={"scaling_factor": vae["scaling_factor"],
+                                                  "image_shape": [side, side, vae["out_channels"]], "config": vae},
+                     attention={"use_memory_efficient_attention": True, "split_head_dim": False})
+
+
+# Stable Diffusion 1.x shapes (the published v1-5 unet/ and vae/ configs), for benchmarks with random weights
+SD_SPECS = {"sd-1.x": _named_spec(
+    "sd-1.x",
+    dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+         attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
+         down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+         up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
+    dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=512,
+         block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+         up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215),
+    NoiseSchedule(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1),
+    "Stable Diffusion 1.x shapes: 64x64x4 latents, 77-token CLIP context (768-d), guidance 7.5, VAE to 512x512")}
+
+
 register_model(ModelFamily(
     "sd", build_sd, sd_inputs, read_sd_spec, load_sd_params, detect_sd, save_sd,
     doc="Stable Diffusion 1.x/2.x pipeline folders (UNet2DConditionModel + AutoencoderKL), run in diffusers' Flax "
-        "classes with prompt tables and classifier-free guidance; VAE decode outside the quantized model"))
+        "classes with prompt tables and classifier-free guidance; VAE decode outside the quantized model"),
+    SD_SPECS)

@@ -85,24 +85,6 @@ CONDITIONAL_SPECS: dict[str, ModelSpec] = {
         description="a benchmark stand-in sized like DDPM's CIFAR-10 UNet (128-256-256-256, attention at 16x16); real "
                     "CIFAR-10 weights load through the unet2d family",
     ),
-    "sd-1.x": ModelSpec(
-        name="sd-1.x",
-        unet=dict(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            attention_head_dim=8,
-            cross_attention_dim=768,
-        ),
-        image_size=64,
-        channels=4,
-        num_classes=0,
-        description="Stable Diffusion 1.x UNet shapes on 64x64x4 latents (one 768-d context token here)",
-    ),
 }
 
 

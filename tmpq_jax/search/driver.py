@@ -210,8 +210,9 @@ def evolve(name: str, algo: Any, space: SearchSpace, budget: Budget, evaluator: 
         visited.update(genome_key(_rows(pop, i)) for i in range(p))
         checkpoint.save_tree(path, {"state": state, "log": log, "generation": gen + 1})
         h = _history_row(name, log, gen)
-        with open(workdir / "history.jsonl", "a") as f:  # live progress; rewritten in full at the end
-            f.write(json.dumps(h) + "\n")
+        if checkpoint.is_primary():
+            with open(workdir / "history.jsonl", "a") as f:  # live progress; rewritten in full at the end
+                f.write(json.dumps(h) + "\n")
         bar.set_postfix(best=f"{h['best']:.4g}", new=h["new"], feasible=f"{h['feasible_fraction']:.2f}")
     bar.close()
     return SearchResult(name, space, log, [_history_row(name, log, gen) for gen in range(g)])

@@ -256,6 +256,15 @@ class NoiseSet:
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
 
+def gather(x):
+    """A population output sharded over several hosts, gathered on every host (a no-op on one process)."""
+    if jax.process_count() > 1 and not getattr(x, "is_fully_addressable", True):
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+
 def candidate_key(ts, wb, ab) -> bytes:
     return b"|".join(np.asarray(a, np.int32).tobytes() for a in (ts, wb, ab))
 
@@ -309,7 +318,7 @@ class Evaluator:
         pop = (jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32), jnp.asarray(timesteps, jnp.int32))
         outs = []
         for noise, labels in self._batches(noise_set):
-            out = self._sampler(pop, (self.abar, self.params, self.tables, noise, labels))
+            out = gather(self._sampler(pop, (self.abar, self.params, self.tables, noise, labels)))
             outs.append(np.stack([self._images(o) for o in out]) if self._decode is not None else np.asarray(out))
         self.sampled += len(pop[0])
         return np.concatenate(outs, axis=1)

@@ -325,7 +325,8 @@ def teacher_images(c, problem: Problem, evaluator: Evaluator, noise_set: NoiseSe
             return images
     print(f"FP teacher: {c.reference_steps} DDIM steps on {noise_set}", flush=True)
     images = evaluator.sample_fp(reference_timesteps(c, problem.spec.schedule.num_train_timesteps), noise_set)
-    np.savez(path, images=images)
+    if checkpoint.is_primary():
+        np.savez(path, images=images)
     evaluator.teachers[noise_set] = images
     return images
 
@@ -597,6 +598,9 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
 
 
 def write_outputs(workdir: Path, results: dict, histories: list, images: dict, searches: dict) -> None:
+    """results.json, history, samples, grids and plots (process 0 only in a multi-host run)."""
+    if not checkpoint.is_primary():
+        return
     checkpoint.write_json(workdir / "results.json", results)
     with open(workdir / "history.jsonl", "w") as f:
         for h in histories:
