@@ -131,6 +131,7 @@ def load_config(name):
     return mod.get_config()
 
 
+@pytest.mark.slow  # about 25 s; the default suite runs the same path end to end on the SD folder (test_sd_search.py)
 def test_one_generation_search_on_a_unet2d_folder(unet2d_folder, tmp_path):
     c = load_config("tiny")
     c.model, c.model_dir = "unet2d", str(unet2d_folder[0])

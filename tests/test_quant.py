@@ -54,13 +54,13 @@ def test_bad_bits(bad, msg):
 # --- model-level ---------------------------------------------------------------------------------------------------
 
 
-def test_16_bits_equals_fp(any_tiny):
-    w, a = uniform(any_tiny, 16, 16)
-    cand = quant.gather_candidate(any_tiny.tables, any_tiny.sites, w, a)
-    qapply = quant.quantized_apply(any_tiny.apply, any_tiny.sites, cand)
-    x, t = any_tiny.noise, jnp.full((4,), 321)
-    out = qapply(quant.quantize_params(any_tiny.params, any_tiny.sites, cand), x, t, any_tiny.labels)
-    np.testing.assert_array_equal(out, any_tiny.apply(any_tiny.params, x, t, any_tiny.labels))
+def test_16_bits_equals_fp(tiny):
+    w, a = uniform(tiny, 16, 16)
+    cand = quant.gather_candidate(tiny.tables, tiny.sites, w, a)
+    qapply = quant.quantized_apply(tiny.apply, tiny.sites, cand)
+    x, t = tiny.noise, jnp.full((4,), 321)
+    out = qapply(quant.quantize_params(tiny.params, tiny.sites, cand), x, t, tiny.labels)
+    np.testing.assert_array_equal(out, tiny.apply(tiny.params, x, t, tiny.labels))
 
 
 def test_output_error_falls_as_bits_rise(any_tiny):
@@ -366,8 +366,9 @@ def loop_reference(tiny):
     return _LOOP_REFERENCE[tiny.spec.name]
 
 
-@pytest.mark.parametrize("model, strategy", [("tiny", "vmap"), ("tiny", "map"), ("tiny", "sharded"),
-                                             ("tiny_unet2d", "vmap")])
+# Strategies are model-agnostic: map on the conditional UNet, vmap on the UNet2DModel port (cheaper there); sharded
+# over several devices: test_sharded_over_four_cpu_devices.
+@pytest.mark.parametrize("model, strategy", [("tiny", "map"), ("tiny_unet2d", "vmap")])
 def test_strategies_match_loop(request, model, strategy):
     tiny = request.getfixturevalue(model)
     loop_q, loop = loop_reference(tiny)

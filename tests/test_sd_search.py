@@ -4,11 +4,9 @@ guidance (BitOPs count both passes), VAE-decoded samples, and bad inputs failing
 import importlib.util
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmpq_jax import models
 from tmpq_jax.search import run as search_run
 from tmpq_jax.text import PromptEmbeddings, save_prompt_embeds
 
@@ -53,19 +51,14 @@ def tiny_sd_config(sd_folder, **overrides):
     return c
 
 
-def test_guidance_doubles_bitops_and_one_is_the_conditional_model(sd_folder):
+def test_guidance_doubles_bitops(sd_folder):
     with_g = search_run.build_problem(tiny_sd_config(sd_folder))
     without = search_run.build_problem(tiny_sd_config(sd_folder, guidance_scale=1.0))
     assert with_g.spec.unet_passes_per_step == 2 and without.spec.unet_passes_per_step == 1
     np.testing.assert_array_equal(with_g.sites.macs, 2 * without.sites.macs)
     assert with_g.budget.limit == 2 * without.budget.limit
     assert with_g.sites.paths == without.sites.paths and not any("vae" in p for p in with_g.sites.paths)
-    # guidance 1.0: exactly the conditional UNet on the prompt rows
-    x = np.random.default_rng(1).normal(size=(3, 8, 8, 4)).astype(np.float32)
-    t, idx = jnp.array([900, 500, 10], jnp.int32), jnp.array([0, 1, 2], jnp.int32)
-    model = models.build_model(without.spec)
-    cond = model.apply({"params": without.params}, x, t, without.params["prompt_embeds"][idx], method="denoise")
-    np.testing.assert_allclose(without.apply_fn(without.params, x, t, idx), cond, rtol=1e-6, atol=1e-6)
+    # (guidance 1.0 = the conditional UNet alone, and 7.5 = u + 7.5 (c - u): tests/test_sd.py)
 
 
 def test_one_generation_sd_search_writes_decoded_samples(sd_folder, tmp_path):

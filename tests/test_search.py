@@ -152,7 +152,7 @@ def _config():
     (dict(budget_bits=4), r"budget_bits=4 is invalid; valid: one of bit_choices"),
     (dict(budget_bitops=-1), r"budget_bitops=-1 is invalid; valid: a whole number"),
     (dict(search_samples=1), "search_samples=1"),
-    (dict(search_samples=20), r"select_samples=10 is invalid; valid: >= search_samples=20"),
+    (dict(search_samples=20), r"select_samples=8 is invalid; valid: >= search_samples=20"),
     (dict(final_samples=4), r"final_samples=4 is invalid; valid: >= search_samples=8"),
     (dict(fidelity_samples=(8, 4)), "fidelity_samples"),
     (dict(fidelity_samples=(2, 6)), r"ending at search_samples=8"),

@@ -24,6 +24,7 @@ def tiny_config(num_steps):
     return c
 
 
+@pytest.mark.slow  # about 60 s: a training subprocess killed and resumed (the search's resume runs by default)
 def test_killed_training_resumes_to_the_same_state(tmp_path):
     steps = 16
     training.train(tiny_config(steps), str(tmp_path / "straight"))

@@ -16,11 +16,11 @@ def get_config():
     c.num_mutation = 1
     c.num_crossover = 1
     c.search_samples = 8
-    c.select_samples = 10
-    c.final_samples = 12
+    c.select_samples = 8  # equal batch shapes: one compiled sampler serves fitness, selection and reports
+    c.final_samples = 8
     c.rescore_top_k = 2
     c.reference_steps = 4
     c.calib_steps = 4
     c.calib_samples = 8
-    c.fid_batch = 12  # one Inception batch per final image set
+    c.fid_batch = 8  # one Inception batch per final image set
     return c

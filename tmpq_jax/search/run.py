@@ -266,9 +266,11 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
     compiled = traj_fn.lower(problem.params, noise[:chunk], labels[:chunk]).compile()
     print(calibration_memory(c, spec, problem.params, compiled), flush=True)
     xs = []
-    for i in range(0, c.calib_samples, chunk):
+    for i in range(0, c.calib_samples, chunk):  # a short last chunk is padded (one compiled program), then cut
         z, y = noise[i:i + chunk], labels[i:i + chunk]
-        xs.append(np.asarray((compiled if len(z) == chunk else traj_fn)(problem.params, z, y)))
+        pad = chunk - len(z)
+        z, y = jnp.pad(z, ((0, pad),) + ((0, 0),) * (z.ndim - 1)), jnp.pad(y, (0, pad))
+        xs.append(np.asarray(compiled(problem.params, z, y))[:, :chunk - pad])
     m = c.calib_steps * c.calib_samples
     # 2. UNet inputs (x_t, t, label), timesteps mixed across batches, consumed batch by batch
     inputs = (np.concatenate(xs, axis=1).reshape(m, *spec.sample_shape), np.repeat(ts, c.calib_samples),
