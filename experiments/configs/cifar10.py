@@ -14,43 +14,27 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+import paper  # noqa: E402
 
 
 def get_config():
-    c = default.get_config()
+    c = paper.get_config()  # population 50, 20 generations, top-10, 25 mutations, 10 crossovers, m_prob 0.25,
+    #                         2000 search samples, top-10 re-scored on 5000, reports on 10000
     # model: a downloaded diffusers folder (schedule from its scheduler_config.json)
     c.model = "unet2d"
     c.model_dir = ""  # required: --config.model_dir=PATH/ddpm-cifar10-32
     c.checkpoint = ""
-    # space and budget
+    # space and budget (N = 10 quad groups, bits {8,7,6,5}, W6A6)
     c.num_steps = 10
     c.spacing = "quad"
     c.bit_choices = (8, 7, 6, 5)
-    c.seed_bits = 6
     c.budget_bits = 6
-    # algorithm (TMPQ-DM Sec. 4)
-    c.population_size = 50
-    c.generations = 20
-    c.num_parents = 10
-    c.num_mutation = 25
-    c.num_crossover = 10
-    c.mutation_prob = 0.25
-    # fitness: Inception FID on 2000 samples vs the CIFAR-10 training statistics
+    # fitness: Inception FID vs the CIFAR-10 training statistics; reports: the test statistics
     c.metric = "inception_fid"
     c.fitness_reference = "cifar10_train_stats.npz"
-    c.search_samples = 2000
-    c.select_samples = 5000
-    c.rescore_top_k = 10
-    # reports: held-out noise, the CIFAR-10 test statistics
     c.report_metrics = ("inception_fid",)
     c.report_reference = "cifar10_test_stats.npz"
-    c.final_samples = 10000
     c.fid_batch = 500
-    # FP reference sampler (and calibration trajectories)
-    c.reference_steps = 100
-    c.calib_steps = 50
-    c.calib_samples = 256
     c.calib_batch = 256
     c.sample_batch = 500
     return c

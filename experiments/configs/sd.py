@@ -15,13 +15,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # noqa: E402
+import paper  # noqa: E402
 
 PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts", "smoke.txt")
 
 
 def get_config():
-    c = default.get_config()
+    c = paper.get_config()  # the reference algorithm: population 50, 20 generations, top-10, 25 mut., 10 cross.
     # model: a downloaded diffusers pipeline folder (unet/, vae/, scheduler/, text_encoder/, tokenizer/)
     c.model = "sd"
     c.model_dir = ""  # required: --config.model_dir=PATH
@@ -30,18 +30,10 @@ def get_config():
     c.guidance_scale = 7.5
     c.memory_efficient_attention = True  # chunked attention: no (4096 x 4096) score tensors at 64x64 latents
     c.matmul_precision = "highest"  # FP teacher and calibration in fp32 (TPU default would be bf16 passes)
-    # space and budget
+    # space and budget: 4 steps, bits {8,7,6,5}, W6A6
     c.num_steps = 4
-    c.spacing = "quad"
     c.bit_choices = (8, 7, 6, 5)
     c.budget_bits = 6
-    # algorithm (TMPQ-DM Sec. 4)
-    c.population_size = 50
-    c.generations = 20
-    c.num_parents = 10
-    c.num_mutation = 25
-    c.num_crossover = 10
-    c.mutation_prob = 0.25
     # fitness and reports (DESIGN.md Sec. 5): paired teacher distances need no dataset
     c.metric = "teacher_mse"
     c.fitness_reference = ""

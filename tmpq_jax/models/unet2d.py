@@ -8,7 +8,6 @@ so `pretrained.torch_to_flax` converts a diffusers checkpoint mechanically. Ever
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ import numpy as np
 
 from tmpq_jax.checkpoint import CheckpointError, check_shapes, load_tree
 from tmpq_jax.models.pretrained import WeightsError, locate_torch_weights, read_torch_weights, torch_to_flax
+from tmpq_jax.models.registry import read_json
 
 __all__ = ["UNet2D", "SelfAttention2D", "check_unet2d_config", "config_to_static", "unet2d_rename", "load_unet2d",
            "example_inputs_unet2d", "FLAX_WEIGHTS"]
@@ -524,14 +524,10 @@ def read_unet2d_config(folder: str | os.PathLike) -> dict:
     if not folder.is_dir():
         raise WeightsError(f"UNet2DModel folder {str(folder)!r} does not exist; nothing is downloaded: fetch it "
                            f"first, e.g. `huggingface-cli download <repo>`")
-    if not path.is_file():
-        raise WeightsError(f"{str(path)!r} does not exist: a diffusers UNet2DModel folder needs config.json")
     try:
-        raw = json.loads(path.read_text())
+        raw = read_json(path, "UNet2DModel config")
     except (OSError, ValueError) as e:
-        raise WeightsError(f"{str(path)!r} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise WeightsError(f"{str(path)!r} must hold a JSON object, got {type(raw).__name__}")
+        raise WeightsError(f"{e} (a diffusers UNet2DModel folder needs config.json)") from e
     name = raw.get("_class_name")
     if name is not None and name != "UNet2DModel":
         raise WeightsError(f"{str(path)!r} is a {name!r} config, not a UNet2DModel")
