@@ -127,14 +127,19 @@ def test_parity_variants(tmp_path, variant):
     assert parity(model, save(model, tmp_path), x, t, labels) < 5e-4
 
 
-def test_old_attention_names_and_scalar_timestep(small, tmp_path):
-    model, folder = small
-    state = load_file(folder / ST)
+def with_old_attention_names(state: dict) -> dict:
+    """The state dict as old diffusers checkpoints store attention (query/key/value/proj_attn)."""
     old = {}
     for k, v in state.items():
         for new, o in OLD_NAMES.items():
             k = k.replace(f".{new}.", f".{o}.")
         old[k] = v
+    return old
+
+
+def test_old_attention_names_and_scalar_timestep(small, tmp_path):
+    model, folder = small
+    old = with_old_attention_names(load_file(folder / ST))
     assert any(".proj_attn." in k for k in old) and not any(".to_q." in k for k in old)
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     save_file(old, str(tmp_path / ST))
@@ -359,12 +364,7 @@ def test_parity_ddpm_cifar10_32_config(tmp_path):
     cfg = {k: v for k, v in DDPM_CIFAR10.items() if not k.startswith("_")}
     model = torch_unet(**cfg)
     save(model, tmp_path)
-    state = load_file(tmp_path / ST)
-    old = {}
-    for k, v in state.items():
-        for new, o in OLD_NAMES.items():
-            k = k.replace(f".{new}.", f".{o}.")
-        old[k] = v
+    old = with_old_attention_names(load_file(tmp_path / ST))
     save_file(old, str(tmp_path / ST))
     (tmp_path / "config.json").write_text(json.dumps(DDPM_CIFAR10))
     x, t, _ = inputs(cfg)

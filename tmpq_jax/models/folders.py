@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from tmpq_jax import checkpoint
 from tmpq_jax.diffusion.schedule import NoiseSchedule
 from tmpq_jax.models import unet2d
+from tmpq_jax.models.pretrained import FLAX_WEIGHTS, load_component
 from tmpq_jax.models.registry import ModelFamily, ModelSpec, read_json, register_model
 
 UNET2D_CLASS = "UNet2DModel"
@@ -67,8 +68,7 @@ def read_unet2d_spec(path: Path) -> ModelSpec:
 
 
 def load_unet2d_params(path: Path, spec: ModelSpec, shapes: Any):
-    _, params, _ = unet2d.load_unet2d(unet2d_dir(path))
-    return params
+    return load_component(unet2d_dir(path), shapes, rename=unet2d.unet2d_rename)
 
 
 def build_unet2d(spec: ModelSpec, dtype: Any = jnp.float32):
@@ -84,7 +84,7 @@ def save_unet2d(src: Path, spec: ModelSpec, params: Any, out: Path) -> None:
     """A model-folder layout: config.json, scheduler_config.json and diffusion_flax_model.msgpack."""
     shutil.copyfile(unet2d_dir(src) / "config.json", out / "config.json")
     out.joinpath("scheduler_config.json").write_text(json.dumps(spec.schedule.to_dict(), indent=2) + "\n")
-    checkpoint.save_tree(out / unet2d.FLAX_WEIGHTS, params)
+    checkpoint.save_tree(out / FLAX_WEIGHTS, params)
 
 
 # The published google/ddpm-cifar10-32 configs, for benchmarks and shapes with random weights (a downloaded folder

@@ -17,16 +17,18 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from tmpq_jax.checkpoint import CheckpointError
+from tmpq_jax.checkpoint import CheckpointError, check_shapes, load_tree
 
-__all__ = ["WeightsError", "locate_torch_weights", "read_torch_weights", "torch_to_flax", "flax_path", "torch_name",
+__all__ = ["FLAX_WEIGHTS", "WeightsError", "load_component", "locate_torch_weights", "read_torch_weights", "torch_to_flax", "flax_path", "torch_name",
            "weight_files"]
 
 STEM = "diffusion_pytorch_model"
+FLAX_WEIGHTS = "diffusion_flax_model.msgpack"  # converted params (`experiments/convert.py`), read before PyTorch
 _SHOWN = 10  # problems listed per kind in an error message
 
 
@@ -299,3 +301,30 @@ def torch_to_flax(state: Mapping[str, np.ndarray], expected: Any, rename: Callab
         raise WeightsError(f"weights {where or '<state dict>'!r} do not match the model "
                            f"({len(state)} tensors in file, {len(exp)} expected). " + ". ".join(parts))
     return unflatten_dict(out)
+
+
+def load_component(folder: str | os.PathLike, expected: Any, rename: Callable[[str], str] | None = None,
+                   skip: tuple[str, ...] = (), hint: str = "nothing is downloaded: fetch the model first") -> dict:
+    """One diffusers component's params matching `expected` (shapes from `jax.eval_shape`): `FLAX_WEIGHTS` if
+    present, else its PyTorch weights (an fp16 variant when that is the only file) converted by `torch_to_flax`;
+    tensors whose names start with `skip` are not read. Every mismatch is one WeightsError."""
+    folder = Path(folder)
+    # 1. converted Flax params
+    flax_file = folder / FLAX_WEIGHTS
+    if flax_file.is_file():
+        try:
+            state = load_tree(flax_file)
+            check_shapes(state, expected, str(flax_file))
+        except CheckpointError as e:
+            raise WeightsError(str(e)) from e
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), state)
+    # 2. PyTorch weights
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} is missing; {hint}")
+    variant = None
+    if not any((folder / n).is_file() for n in weight_files()) and \
+            any((folder / n).is_file() for n in weight_files(variant="fp16")):
+        variant = "fp16"
+    where = str(locate_torch_weights(folder, variant))
+    state = {k: v for k, v in read_torch_weights(folder, variant).items() if not k.startswith(skip)}
+    return jax.tree.map(jnp.asarray, torch_to_flax(state, expected, rename=rename, where=where))

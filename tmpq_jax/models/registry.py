@@ -12,6 +12,7 @@ and `unet2d` (a Flax port of diffusers' `UNet2DModel`: DDPM CIFAR-10, LDM UNets)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tmpq_jax.diffusion.schedule import NoiseSchedule
 
@@ -207,19 +209,36 @@ def convert_folder(path: str | Path, out: str | Path, family: str | None = None)
 
 
 def folder_digest(path: str | Path) -> str:
-    """sha256 over a model folder's config, scheduler and weight files (what a resume must not see change)."""
+    """sha256 over a model folder's config, scheduler and weight files (what a resume must not see change).
+    Hashed once per process for an unchanged folder (names, sizes and mtimes), since SD folders hold GBs."""
     root = Path(path)
-    h = hashlib.sha256()
     files = sorted(f for f in root.rglob("*") if f.is_file() and (
         f.suffix in (".json", ".safetensors", ".bin", ".msgpack")))
     if not files:
         raise FileNotFoundError(f"model folder {str(root)!r} holds no config or weight files")
-    for f in files:
-        h.update(str(f.relative_to(root)).encode())
-        with open(f, "rb") as fh:
+    listing = tuple((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _hash_files(str(root.resolve()), listing)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(root: str, listing: tuple) -> str:
+    h = hashlib.sha256()
+    for rel, _, _ in listing:
+        h.update(rel.encode())
+        with open(Path(root) / rel, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def is_int(v: Any) -> bool:
+    """An integer config value (JSON/numpy), not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def is_number(v: Any) -> bool:
+    """A real-number config value (JSON/numpy), not a bool."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -20,23 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
 from tmpq_jax import checkpoint
-from tmpq_jax.checkpoint import CheckpointError
 from tmpq_jax.diffusion import guided
 from tmpq_jax.diffusion.schedule import NoiseSchedule
-from tmpq_jax.models.pretrained import (WeightsError, locate_torch_weights, read_torch_weights, torch_to_flax,
-                                        weight_files)
-from tmpq_jax.models.registry import ModelFamily, ModelSpec, read_json, register_model
+from tmpq_jax.models.pretrained import FLAX_WEIGHTS, load_component
+from tmpq_jax.models.registry import ModelFamily, ModelSpec, is_int, is_number, read_json, register_model
 
 __all__ = ["TextToImageUNet", "detect_sd", "read_sd_spec", "check_sd_unet_config", "check_sd_vae_config",
            "build_sd", "sd_inputs", "load_sd_params", "save_sd", "vae_rename", "FLAX_WEIGHTS", "DOWNLOAD_HINT"]
 
-FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 UNET_CLASS = "UNet2DConditionModel"
 VAE_CLASS = "AutoencoderKL"
 SUBFOLDERS = ("unet", "vae", "scheduler")
@@ -132,22 +128,14 @@ VAE_FLAX_ARGS = ("in_channels", "out_channels", "down_block_types", "up_block_ty
                  "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
 def _equal(v: Any, allowed: Any) -> bool:
     """`v == allowed` where True is not 1 and None is only None."""
     if allowed is None or isinstance(allowed, bool):
         return v is allowed or (isinstance(v, (bool, np.bool_)) and isinstance(allowed, bool) and v == allowed)
     if isinstance(v, (bool, np.bool_)) or v is None:
         return False
-    if _is_num(allowed):
-        return _is_num(v) and math.isclose(float(v), float(allowed), rel_tol=1e-9, abs_tol=0.0)
+    if is_number(allowed):
+        return is_number(v) and math.isclose(float(v), float(allowed), rel_tol=1e-9, abs_tol=0.0)
     return v == allowed
 
 
@@ -156,11 +144,32 @@ def _bad(what: str, source: str, field: str, value: Any, supported: Any) -> Valu
                       f"(diffusers' Flax classes cannot express it); supported: {supported}")
 
 
+def _with_defaults(config: dict, defaults: dict, fixed: dict, what: str, source: str, cls: str, bad) -> dict:
+    """Known keys only ('_' keys are metadata), diffusers' defaults filled in, pinned values checked."""
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
+    if unknown:
+        raise ValueError(f"{what} {source!r}: unknown key(s) {unknown}; this diffusers version's {cls} has no "
+                         "such argument")
+    cfg = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    for k, allowed in fixed.items():
+        if not any(_equal(cfg[k], a) for a in allowed):
+            raise bad(k, cfg[k], " or ".join(repr(a) for a in allowed))
+    return cfg
+
+
+def _square_size(size: Any, bad, what: str) -> int:
+    """sample_size as one int: an int, or a [n, n] pair."""
+    s = size[0] if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1] else size
+    if not is_int(s) or s < 1:
+        raise bad("sample_size", size, f"a positive int ({what})")
+    return int(s)
+
+
 def _per_block(cfg: dict, key: str, n: int, bad) -> list:
     """An int or a list of one int per block -> list of n positive ints."""
     v = cfg[key]
     vals = list(v) if isinstance(v, (list, tuple)) else [v] * n
-    if len(vals) != n or not all(_is_int(x) and x > 0 for x in vals):
+    if len(vals) != n or not all(is_int(x) and x > 0 for x in vals):
         raise bad(key, v, f"a positive int or a list of {n} positive ints")
     return [int(x) for x in vals]
 
@@ -174,21 +183,14 @@ def check_sd_unet_config(config: dict, source: str = "unet/config.json") -> dict
     def bad(field, value, supported):
         return _bad(what, source, field, value, supported)
 
-    # 1. known keys only, with diffusers' defaults filled in
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in UNET_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{what} {source!r}: unknown key(s) {unknown}; this diffusers version's "
-                         f"UNet2DConditionModel has no such argument")
-    cfg = {**UNET_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    # 2. network changes the Flax class cannot express
-    if isinstance(cfg["only_cross_attention"], list) and not any(cfg["only_cross_attention"]):
-        cfg["only_cross_attention"] = False
-    for k, allowed in UNET_FIXED.items():
-        if not any(_equal(cfg[k], a) for a in allowed):
-            raise bad(k, cfg[k], " or ".join(repr(a) for a in allowed))
+    # 1. known keys only, with diffusers' defaults; 2. network changes the Flax class cannot express
+    config = dict(config)
+    if isinstance(config.get("only_cross_attention"), list) and not any(config["only_cross_attention"]):
+        config["only_cross_attention"] = False
+    cfg = _with_defaults(config, UNET_DEFAULTS, UNET_FIXED, what, source, "UNet2DConditionModel", bad)
     # 3. blocks
     bo = cfg["block_out_channels"]
-    if not isinstance(bo, (list, tuple)) or not bo or not all(_is_int(c) and c > 0 for c in bo):
+    if not isinstance(bo, (list, tuple)) or not bo or not all(is_int(c) and c > 0 for c in bo):
         raise bad("block_out_channels", bo, "a non-empty list of positive ints")
     n = len(bo)
     for k, allowed in (("down_block_types", _DOWN), ("up_block_types", _UP)):
@@ -207,7 +209,7 @@ def check_sd_unet_config(config: dict, source: str = "unet/config.json") -> dict
         raise bad("time_embedding_dim", cfg["time_embedding_dim"], f"null or {4 * bo[0]} (4 * block_out_channels[0])")
     # 4. scalar types
     for k in ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim"):
-        if not _is_int(cfg[k]) or cfg[k] < 1:
+        if not is_int(cfg[k]) or cfg[k] < 1:
             raise bad(k, cfg[k], "a positive int (one value for all blocks)")
     if cfg["in_channels"] != cfg["out_channels"]:
         raise bad("out_channels", cfg["out_channels"], f"in_channels={cfg['in_channels']} (a denoiser predicts a "
@@ -216,13 +218,9 @@ def check_sd_unet_config(config: dict, source: str = "unet/config.json") -> dict
         if not isinstance(cfg[k], bool):
             raise bad(k, cfg[k], "true or false")
     for k in ("freq_shift", "dropout"):
-        if not _is_num(cfg[k]):
+        if not is_number(cfg[k]):
             raise bad(k, cfg[k], "a number")
-    s = cfg["sample_size"]
-    if isinstance(s, (list, tuple)) and len(s) == 2 and s[0] == s[1]:
-        s = s[0]
-    if not _is_int(s) or s < 1:
-        raise bad("sample_size", cfg["sample_size"], "a positive int (square latents)")
+    s = _square_size(cfg["sample_size"], bad, "square latents")
     # 5. heads: the Flax class (like diffusers' PyTorch one) reads attention_head_dim as the number of heads
     heads_key = "num_attention_heads" if cfg["num_attention_heads"] is not None else "attention_head_dim"
     heads = _per_block(cfg, heads_key, n, bad)
@@ -248,33 +246,22 @@ def check_sd_vae_config(config: dict, source: str = "vae/config.json") -> dict:
     def bad(field, value, supported):
         return _bad(what, source, field, value, supported)
 
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in VAE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{what} {source!r}: unknown key(s) {unknown}; this diffusers version's AutoencoderKL "
-                         "has no such argument")
-    cfg = {**VAE_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    for k, allowed in VAE_FIXED.items():
-        if not any(_equal(cfg[k], a) for a in allowed):
-            raise bad(k, cfg[k], " or ".join(repr(a) for a in allowed))
+    cfg = _with_defaults(config, VAE_DEFAULTS, VAE_FIXED, what, source, "AutoencoderKL", bad)
     bo = cfg["block_out_channels"]
-    if not isinstance(bo, (list, tuple)) or not bo or not all(_is_int(c) and c > 0 for c in bo):
+    if not isinstance(bo, (list, tuple)) or not bo or not all(is_int(c) and c > 0 for c in bo):
         raise bad("block_out_channels", bo, "a non-empty list of positive ints")
     for k, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         types = cfg[k]
         if not isinstance(types, (list, tuple)) or len(types) != len(bo) or any(b != allowed for b in types):
             raise bad(k, types, f"{len(bo)} x {allowed!r}")
     for k in ("in_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
-        if not _is_int(cfg[k]) or cfg[k] < 1:
+        if not is_int(cfg[k]) or cfg[k] < 1:
             raise bad(k, cfg[k], "a positive int")
     if any(c % cfg["norm_num_groups"] for c in bo):
         raise bad("norm_num_groups", cfg["norm_num_groups"], f"a divisor of every block_out_channels {list(bo)}")
-    if not _is_num(cfg["scaling_factor"]) or not cfg["scaling_factor"] > 0:
+    if not is_number(cfg["scaling_factor"]) or not cfg["scaling_factor"] > 0:
         raise bad("scaling_factor", cfg["scaling_factor"], "a positive number")
-    s = cfg["sample_size"]
-    if isinstance(s, (list, tuple)) and len(s) == 2 and s[0] == s[1]:
-        s = s[0]
-    if not _is_int(s) or s < 1:
-        raise bad("sample_size", cfg["sample_size"], "a positive int (square images)")
+    s = _square_size(cfg["sample_size"], bad, "square images")
     out = {k: cfg[k] for k in VAE_FLAX_ARGS}
     out.update(block_out_channels=tuple(int(c) for c in bo), down_block_types=tuple(cfg["down_block_types"]),
                up_block_types=tuple(cfg["up_block_types"]), sample_size=int(s),
@@ -458,33 +445,6 @@ def vae_rename(key: str) -> str:
     return _VAE_ATTENTION_RE.sub(lambda m: f".attentions.{m.group(1)}.{_VAE_ATTENTION[m.group(2)]}.", key)
 
 
-def _read_torch_state(folder: Path) -> tuple[dict, str]:
-    """The folder's PyTorch weights; an fp16-variant file when it is the only one."""
-    try:
-        return read_torch_weights(folder), str(locate_torch_weights(folder))
-    except WeightsError:
-        if folder.is_dir() and any((folder / n).is_file() for n in weight_files(variant="fp16")):
-            return read_torch_weights(folder, variant="fp16"), str(locate_torch_weights(folder, variant="fp16"))
-        raise
-
-
-def _load_component(folder: Path, expected: Any, rename=None, skip: tuple[str, ...] = ()) -> Any:
-    """One component's params: `diffusion_flax_model.msgpack` if present, else converted PyTorch weights."""
-    flax_file = folder / FLAX_WEIGHTS
-    if flax_file.is_file():
-        try:
-            state = checkpoint.load_tree(flax_file)
-            checkpoint.check_shapes(state, expected, str(flax_file))
-        except CheckpointError as e:
-            raise WeightsError(str(e)) from e
-        return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), state)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{str(folder)!r} is missing. {DOWNLOAD_HINT}")
-    state, where = _read_torch_state(folder)
-    state = {k: v for k, v in state.items() if not k.startswith(skip)}
-    return jax.tree.map(jnp.asarray, torch_to_flax(state, expected, rename=rename, where=where))
-
-
 def load_sd_params(path: Path, spec: ModelSpec, shapes: Any) -> dict:
     """{'unet', 'vae', 'prompt_embeds', 'negative_embeds'} matching `shapes` (from `jax.eval_shape` of `init`).
 
@@ -494,8 +454,9 @@ def load_sd_params(path: Path, spec: ModelSpec, shapes: Any) -> dict:
     unexpected or mis-shaped tensor of a component is named in one WeightsError. Prompt tables are zeros."""
     path = Path(path)
     shapes = unfreeze(shapes) if not isinstance(shapes, dict) else dict(shapes)
-    params = {"unet": _load_component(path / "unet", shapes["unet"]),
-              "vae": _load_component(path / "vae", shapes["vae"], rename=vae_rename, skip=VAE_SKIPPED)}
+    params = {"unet": load_component(path / "unet", shapes["unet"], hint=DOWNLOAD_HINT),
+              "vae": load_component(path / "vae", shapes["vae"], rename=vae_rename, skip=VAE_SKIPPED,
+                                    hint=DOWNLOAD_HINT)}
     for k in ("prompt_embeds", "negative_embeds"):
         params[k] = jnp.zeros(shapes[k].shape, jnp.float32)
     return params

@@ -20,14 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tmpq_jax.checkpoint import CheckpointError, check_shapes, load_tree
-from tmpq_jax.models.pretrained import WeightsError, locate_torch_weights, read_torch_weights, torch_to_flax
-from tmpq_jax.models.registry import read_json
+from tmpq_jax.models.pretrained import FLAX_WEIGHTS, WeightsError, load_component
+from tmpq_jax.models.registry import is_int, is_number, read_json
 
 __all__ = ["UNet2D", "SelfAttention2D", "check_unet2d_config", "config_to_static", "unet2d_rename", "load_unet2d",
            "example_inputs_unet2d", "FLAX_WEIGHTS"]
 
-FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 
 # --- config -------------------------------------------------------------------------------------------------------
 
@@ -62,14 +60,6 @@ def _unsupported(field: str, value: Any, supported: Any) -> ValueError:
     return ValueError(f"UNet2DModel config: {field}={value!r} is not supported; supported: {supported}")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
 def check_unet2d_config(config: dict) -> dict:
     """Validate a diffusers `UNet2DModel` config.json dict; return the full config with diffusers' defaults.
 
@@ -102,32 +92,32 @@ def check_unet2d_config(config: dict) -> dict:
                 raise _unsupported(f"{k}[{i}]", b, list(allowed))
     # 2. types and ranges
     for k in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
-        if not _is_int(cfg[k]) or cfg[k] < 1:
+        if not is_int(cfg[k]) or cfg[k] < 1:
             raise _unsupported(k, cfg[k], "a positive int")
     for k in ("time_embedding_dim", "num_class_embeds", "attn_norm_num_groups", "attention_head_dim",
               "num_train_timesteps"):
-        if cfg[k] is not None and (not _is_int(cfg[k]) or cfg[k] < 1):
+        if cfg[k] is not None and (not is_int(cfg[k]) or cfg[k] < 1):
             raise _unsupported(k, cfg[k], "None or a positive int")
     for k in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
         if not isinstance(cfg[k], bool):
             raise _unsupported(k, cfg[k], "true or false")
     for k in ("freq_shift", "mid_block_scale_factor", "dropout"):
-        if not _is_num(cfg[k]):
+        if not is_number(cfg[k]):
             raise _unsupported(k, cfg[k], "a number")
-    if not _is_num(cfg["norm_eps"]) or cfg["norm_eps"] <= 0:
+    if not is_number(cfg["norm_eps"]) or cfg["norm_eps"] <= 0:
         raise _unsupported("norm_eps", cfg["norm_eps"], "a positive number")
     if cfg["mid_block_scale_factor"] == 0:
         raise _unsupported("mid_block_scale_factor", 0, "a non-zero number")
-    if not _is_int(cfg["downsample_padding"]) or cfg["downsample_padding"] < 0:
+    if not is_int(cfg["downsample_padding"]) or cfg["downsample_padding"] < 0:
         raise _unsupported("downsample_padding", cfg["downsample_padding"], "an int >= 0")
     s = cfg["sample_size"]
     if isinstance(s, tuple):
         s = cfg["sample_size"] = list(s)
-    if not (s is None or (_is_int(s) and s > 0) or (isinstance(s, list) and len(s) == 2 and all(
-            _is_int(x) and x > 0 for x in s))):
+    if not (s is None or (is_int(s) and s > 0) or (isinstance(s, list) and len(s) == 2 and all(
+            is_int(x) and x > 0 for x in s))):
         raise _unsupported("sample_size", s, "None, a positive int or [height, width]")
     bo = cfg["block_out_channels"]
-    if not isinstance(bo, list) or not bo or not all(_is_int(c) and c > 0 for c in bo):
+    if not isinstance(bo, list) or not bo or not all(is_int(c) and c > 0 for c in bo):
         raise _unsupported("block_out_channels", bo, "a non-empty list of positive ints")
     # 3. structure: as many blocks as channel counts, channels divisible by the norm groups, >= 1 attention head
     n = len(bo)
@@ -501,7 +491,7 @@ def _spatial(cfg: dict) -> tuple[int, int]:
     s = cfg["sample_size"]
     if s is None:  # any size divisible by the total downsampling works for shapes
         s = 4 * 2 ** (len(cfg["block_out_channels"]) - 1)
-    return (s, s) if _is_int(s) else (int(s[0]), int(s[1]))
+    return (s, s) if is_int(s) else (int(s[0]), int(s[1]))
 
 
 def example_inputs_unet2d(config: dict, batch: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -540,24 +530,12 @@ def read_unet2d_config(folder: str | os.PathLike) -> dict:
 def load_unet2d(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[UNet2D, dict, dict]:
     """A diffusers `UNet2DModel` folder -> (UNet2D module, params, normalised config).
 
-    Reads `diffusion_flax_model.msgpack` if present (a tree saved by `checkpoint.save_tree`), else the PyTorch
-    weights (`read_torch_weights`, converted by `torch_to_flax` with `unet2d_rename`). Shapes come from
-    `jax.eval_shape` (no init); every name and shape is checked.
+    Params via `pretrained.load_component` (the converted msgpack, else PyTorch weights renamed by
+    `unet2d_rename`). Shapes come from `jax.eval_shape` (no init); every name and shape is checked.
     """
     folder = Path(folder)
     cfg = read_unet2d_config(folder)
     module = UNet2D(config_to_static(cfg), dtype=dtype)
     expected = jax.eval_shape(module.init, jax.random.key(0), *example_inputs_unet2d(cfg))["params"]
-    flax_file = folder / FLAX_WEIGHTS
-    if flax_file.is_file():
-        try:
-            state = load_tree(flax_file)
-            check_shapes(state, expected, str(flax_file))
-        except CheckpointError as e:
-            raise WeightsError(str(e)) from e
-        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), state)
-    else:
-        path = locate_torch_weights(folder)
-        params = torch_to_flax(read_torch_weights(folder), expected, rename=unet2d_rename, where=str(path))
-        params = jax.tree.map(jnp.asarray, params)
+    params = load_component(folder, expected, rename=unet2d_rename)
     return module, params, cfg
