@@ -12,12 +12,13 @@ never selects on (selection uses the purposes 'fitness' and 'select'). Samples a
 Intervals are 95% bootstrap intervals over the noise rows: the percentile interval of the replicates after shifting
 them by their bias (see `_interval`; FD and KID replicates are biased upwards). One set of resampled row indices is
 shared by all candidates (a paired bootstrap: every candidate sees the same resampled noise), so the ratio of a
-candidate's metric to the `--compare_to` candidate's has an interval from the same resamples.
+candidate's metric to the `--compare_to` candidate's has an interval from the same resamples. KID is an unbiased
+estimate that can be <= 0 (it is at small n when two distributions are close), so a ratio of KIDs means nothing: for
+KID metrics the paired difference (candidate - compare_to) is given instead (`difference_to_<name>`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 from absl import app, flags
 
@@ -136,58 +138,70 @@ def _config(results: dict):
     return c
 
 
-def _candidate_tag(entry: dict, c, name: str) -> str:
-    """What a sample file was made from, to refuse reusing samples of another candidate or search."""
-    what = ({"reference_steps": c.reference_steps} if name == "reference" else
-            {k: entry[k] for k in ("timesteps", "w_bits", "a_bits")})
-    what.update(model=c.model, checkpoint=Path(c.checkpoint).name)
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+def _candidate_key(entry: dict, c, name: str, noise_set, model_sha: str) -> dict:
+    """What a sample file is made from (`cache.cache_key`): the model's weights digest, every setting that changes
+    the samples, the candidate and the noise; a file with another key (or none) is sampled again."""
+    from tmpq_jax.search.cache import cache_key
+
+    noise = noise_set.describe()
+    if name == "reference":
+        return cache_key("teacher", c, model_sha, noise=noise, timesteps=list(entry["timesteps"]))
+    return cache_key("samples", c, model_sha, noise=noise, **{k: entry[k] for k in ("timesteps", "w_bits", "a_bits")})
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------
 
 
 class _Sampler:
-    """Builds the problem, tables and evaluator only when some candidate has to be sampled."""
+    """Builds the problem, tables and evaluator only when some candidate has to be sampled; samples at the search's
+    `matmul_precision`, as the search did."""
 
     def __init__(self, c, workdir: Path):
         self.c, self.workdir, self._parts = c, workdir, None
+        self.precision = c.get("matmul_precision", "highest")
 
     def parts(self):
         if self._parts is None:
             from tmpq_jax.search import run
 
-            problem = run.build_problem(self.c, self.workdir)
-            tables = run.calibrate(self.c, problem, self.workdir)
+            with jax.default_matmul_precision(self.precision):
+                problem = run.build_problem(self.c, self.workdir)
+                tables = run.calibrate(self.c, problem, self.workdir)
             self._parts = run, problem, run.make_evaluator(self.c, problem, tables)
         return self._parts
 
     def sample(self, name: str, entry: dict, noise_set) -> np.ndarray:
         """Images (n, H, W, C) in [-1, 1]."""
         run, problem, evaluator = self.parts()
-        if name == "reference":
-            return run.teacher_images(self.c, problem, evaluator, noise_set, self.workdir)
-        ts = np.asarray(entry["timesteps"], np.int32)
-        w = problem.sites.vector_from_map(entry["w_bits"], f"{name}.w_bits")
-        a = problem.sites.vector_from_map(entry["a_bits"], f"{name}.a_bits")
-        return evaluator.sample(ts[None], w[None], a[None], noise_set)[0]
+        with jax.default_matmul_precision(self.precision):
+            if name == "reference":
+                return run.teacher_images(self.c, problem, evaluator, noise_set, self.workdir)
+            ts = np.asarray(entry["timesteps"], np.int32)
+            w = problem.sites.vector_from_map(entry["w_bits"], f"{name}.w_bits")
+            a = problem.sites.vector_from_map(entry["a_bits"], f"{name}.a_bits")
+            return evaluator.sample(ts[None], w[None], a[None], noise_set)[0]
 
 
-def _images(name, entry, c, noise_set, shape, eval_dir: Path, sampler: _Sampler) -> tuple[np.ndarray, Path]:
-    """Unit-range images of one candidate: the cached file if it matches, else freshly sampled and saved."""
+def _images(name, entry, c, noise_set, shape, eval_dir: Path, sampler: _Sampler,
+            model_sha: str) -> tuple[np.ndarray, Path]:
+    """Unit-range images of one candidate: the cached file if its key matches, else freshly sampled and saved."""
+    from tmpq_jax.search.cache import key_diff
+
     path = eval_dir / f"samples_{name}.npz"
-    tag = _candidate_tag(entry, c, name)
+    key = _candidate_key(entry, c, name, noise_set, model_sha)
     want = (noise_set.n, *shape)
     if path.is_file():
         with np.load(path) as z:
             images = np.asarray(z["images"], np.float32) if "images" in z else None
-            old_tag = str(z["candidate"]) if "candidate" in z else tag
-        if (images is not None and images.shape == want and old_tag == tag and np.isfinite(images).all()
+            old_key = json.loads(str(z["cache_key"])) if "cache_key" in z else None
+        diff = key_diff(old_key, key)
+        if (images is not None and images.shape == want and not diff and np.isfinite(images).all()
                 and images.min() >= 0.0 and images.max() <= 1.0):
             print(f"[{name}] reusing {noise_set.n} samples from {path}", flush=True)
             return images, path
-        print(f"[{name}] {path} does not match (shape {None if images is None else images.shape}, want {want}); "
-              "sampling again", flush=True)
+        why = (f"made under other settings: {', '.join(diff[:6])}" if old_key is not None else
+               "no cache key stored") if diff else f"shape {None if images is None else images.shape}, want {want}"
+        print(f"[{name}] {path} does not match ({why}); sampling again", flush=True)
     t0 = time.time()
     print(f"[{name}] sampling {noise_set}", flush=True)
     unit = data.to_unit_range(sampler.sample(name, entry, noise_set))
@@ -195,7 +209,8 @@ def _images(name, entry, c, noise_set, shape, eval_dir: Path, sampler: _Sampler)
         raise RuntimeError(f"[{name}] sampled images have shape {unit.shape}, expected {want}")
     eval_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, images=unit, candidate=np.asarray(tag), noise_seed=noise_set.seed, noise_purpose=noise_set.purpose)
+    np.savez(tmp, images=unit, cache_key=np.asarray(json.dumps(key, sort_keys=True)), noise_seed=noise_set.seed,
+             noise_purpose=noise_set.purpose)
     os.replace(tmp, path)
     print(f"[{name}] sampled in {time.time() - t0:.1f} s -> {path}", flush=True)
     return unit, path
@@ -324,11 +339,14 @@ def evaluate(workdir, candidates=None, num_samples: int = 1000, noise_seed: int 
             fx.inception()
     paired = any(SUPPORTED[m][1] == "paired" for m in metric_names)
 
+    from tmpq_jax.search.run import model_sha
+
     sampler = _Sampler(c, workdir)
     todo = names + (["reference"] if paired and "reference" not in names else [])
     images, paths = {}, {}
+    sha = model_sha(c)
     for name in todo:
-        images[name], paths[name] = _images(name, avail[name], c, noise_set, shape, eval_dir, sampler)
+        images[name], paths[name] = _images(name, avail[name], c, noise_set, shape, eval_dir, sampler, sha)
 
     # features once per candidate and feature space; one paired set of bootstrap indices for all
     feats = {name: {s: fx.extract(s, images[name]) for s in spaces} for name in todo}
@@ -338,7 +356,7 @@ def evaluate(workdir, candidates=None, num_samples: int = 1000, noise_seed: int 
         for m in metric_names:
             values[name, m], boots[name, m] = _metric(m, feats[name], feats.get("reference", {}), fx, idx)
 
-    ratio_key = f"ratio_to_{compare_to}"
+    ratio_key, diff_key = f"ratio_to_{compare_to}", f"difference_to_{compare_to}"
     if compare_to not in names:
         print(f"--compare_to={compare_to!r} is not among the evaluated candidates {names}: no ratios", flush=True)
     out_candidates = {}
@@ -347,7 +365,10 @@ def evaluate(workdir, candidates=None, num_samples: int = 1000, noise_seed: int 
         ms = {}
         for m in metric_names:
             ms[m] = {"value": _num(values[name, m]), **_interval(values[name, m], boots[name, m])}
-            if compare_to in names:
+            if compare_to in names and SUPPORTED[m][1] == "kid":  # KID is unbiased and can be <= 0: no ratios
+                diff = np.float64(values[name, m]) - np.float64(values[compare_to, m])
+                ms[m][diff_key] = {"value": _num(diff), **_interval(diff, boots[name, m] - boots[compare_to, m])}
+            elif compare_to in names:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     ratio = np.float64(values[name, m]) / np.float64(values[compare_to, m])
                     ratio_boot = boots[name, m] / boots[compare_to, m]
@@ -379,7 +400,7 @@ def table(result: dict) -> str:
     noise = result["noise"]
     cands = result["candidates"]
     names = list(next(iter(cands.values()))["metrics"]) if cands else []
-    ratio_key = f"ratio_to_{result['compare_to']}"
+    ratio_key, diff_key = f"ratio_to_{result['compare_to']}", f"difference_to_{result['compare_to']}"
 
     def fmt(d):
         if d is None or d["value"] is None:
@@ -396,9 +417,9 @@ def table(result: dict) -> str:
     for name, e in cands.items():
         lines.append(f"{name:16s} {e['bitops']:10.4g} " + " ".join(f"{fmt(e['metrics'][n]):>{width}s}"
                                                                     for n in names))
-        if any(ratio_key in e["metrics"][n] for n in names):
-            lines.append(f"{'  ' + ratio_key:27.27s} " + " ".join(f"{fmt(e['metrics'][n].get(ratio_key)):>{width}s}"
-                                                                  for n in names))
+        if any(k in e["metrics"][n] for n in names for k in (ratio_key, diff_key)):
+            lines.append(f"{'  vs ' + result['compare_to'] + ' (ratio; KID: difference)':27.27s} " + " ".join(
+                f"{fmt(e['metrics'][n].get(ratio_key, e['metrics'][n].get(diff_key))):>{width}s}" for n in names))
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ def main(argv):
         bits = jnp.full((1, len(problem.sites)), b, jnp.int32)
         images = ev.sample(jnp.asarray(ts)[None], bits, bits, noise_set)[0]
         rows[f"w{b}a{b}"] = {"metric": metric(images), "seconds": time.time() - t0,
-                             "bitops": quant.bitops_exact(problem.sites, bits[0], bits[0], FLAGS.steps)}
+                             "bitops": quant.bitops(problem.sites, bits[0], bits[0], FLAGS.steps)}
         print(f"w{b}a{b}", rows[f"w{b}a{b}"], flush=True)
     out = {"model": problem.spec.name, "metric": metric.name, "reference": c.report_reference,
            "ddim_steps": FLAGS.steps, **noise_set.describe(),

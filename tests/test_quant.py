@@ -305,8 +305,17 @@ def test_bitops_of_two_layer_model_equals_hand_count():
     assert sites.paths == ("conv", "fc")
     np.testing.assert_array_equal(sites.macs, [7776, 1440])
     hand = (7776 * 4 * 6 + 1440 * 8 * 5) * 10
-    assert quant.bitops_exact(sites, [4, 8], [6, 5], 10) == hand
-    assert float(quant.bitops(sites, jnp.asarray([4, 8]), jnp.asarray([6, 5]), 10)) == hand
+    assert quant.bitops(sites, [4, 8], [6, 5], 10) == hand
+    np.testing.assert_array_equal(quant.bitops(sites, [[4, 8], [8, 8]], [[6, 5], [8, 8]], 10),
+                                  [hand, (7776 + 1440) * 64 * 10])
+
+
+def test_bitops_are_exact_integers_where_float32_rounds():
+    """MACs of 2^24 + 1 are not a float32: an int64 count keeps every BitOP (the exact Budget compares with it)."""
+    sites = quant.SiteTable((quant.Site("big", "dense", 2**24 + 1, 1), quant.Site("small", "dense", 3, 1)))
+    got = quant.bitops(sites, [1, 1], [1, 1], 1)
+    assert isinstance(got, int) and got == 2**24 + 4
+    assert quant.bitops(sites, [8, 8], [8, 8], 1000) == (2**24 + 4) * 64 * 1000
     assert quant.fp_bitops(sites, 100) == (7776 + 1440) * 32 * 32 * 100
 
 

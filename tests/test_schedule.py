@@ -354,3 +354,45 @@ def test_bad_guidance_scale(scale):
         diffusion.guided(_TextModel(), scale)
     with pytest.raises(ValueError, match=str(scale)):
         diffusion.passes_per_step(scale)
+
+
+# --- where the search's groups begin (no identity step) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,first", [
+    ({}, 0),  # the MNIST default: abar = 1 after the last step, so t = 0 is a real step
+    ({"set_alpha_to_one": False}, 1),  # the step from t = 0 would go to abar_0 = abar_t
+    ({"set_alpha_to_one": False, "steps_offset": 1}, 1),  # SD 1.x
+    ({"steps_offset": 3}, 3),
+    ({"steps_offset": 3, "timestep_spacing": "trailing"}, 0),  # diffusers adds the offset under 'leading' only
+])
+def test_first_timestep(kw, first):
+    assert NoiseSchedule(**kw).first_timestep() == first
+
+
+@pytest.mark.parametrize("kw", [{}, {"set_alpha_to_one": False}, {**SD, "set_alpha_to_one": False, "steps_offset": 1}])
+def test_no_timestep_from_first_on_is_an_identity_last_step(kw):
+    """The last DDIM step from any t >= first_timestep() changes its input; from t = first - 1 >= 0 it does not
+    (when set_alpha_to_one is False and there is no offset, that is t = 0)."""
+    s = NoiseSchedule(**kw)
+    abar = s.alphas_cumprod()
+    x, eps = np.full(4, 0.7), np.linspace(-1, 1, 4)
+
+    def last_step(t):
+        return np.asarray(diffusion.ddim_step(x, eps, abar[t], s.final_alpha_cumprod(), None)[0])
+
+    assert np.abs(last_step(s.first_timestep()) - x).max() > 1e-6
+    if not s.set_alpha_to_one and s.first_timestep() == 1:
+        np.testing.assert_allclose(last_step(0), x, rtol=1e-6)  # float32: 1.7e-8 measured
+
+
+def test_zero_terminal_snr_with_epsilon_is_an_error_and_v_prediction_is_not():
+    eps = NoiseSchedule(rescale_betas_zero_snr=True, set_alpha_to_one=False)
+    with pytest.raises(ValueError, match=r"rescale_betas_zero_snr=true gives abar_t = 0 at t = 999.*v_prediction"):
+        eps.check_sampleable(source="f.json")
+    eps.check_sampleable([998, 500, 1])  # a schedule that never visits T-1 is fine
+    NoiseSchedule(rescale_betas_zero_snr=True, prediction_type="v_prediction").check_sampleable()
+    # without the check: DDIM at t = 999 makes NaN (what the search used to score silently as infeasible)
+    abar = eps.alphas_cumprod()
+    x0 = diffusion.ddim_step(np.ones(2), np.ones(2), abar[999], abar[500], None)[1]
+    assert not np.isfinite(np.asarray(x0)).all()

@@ -98,3 +98,42 @@ def test_guidance_needs_a_text_model():
     c.guidance_scale = 2.0
     with pytest.raises(ValueError, match="needs a text-conditioned model"):
         search_run.validate_config(c)
+
+
+def test_groups_seed_teacher_and_calibration_follow_the_folder_schedule(sd_folder):
+    """The tiny SD folder has steps_offset=1 and set_alpha_to_one=false (as SD 1.x): the step from t = 0 returns
+    its input, so no group may hold it; the teacher and calibration run diffusers' own grid for the folder."""
+    from diffusers import DDIMScheduler
+
+    from tmpq_jax import diffusion
+
+    c = tiny_sd_config(sd_folder, num_steps=4, reference_steps=7, calib_steps=5)
+    problem = search_run.build_problem(c)
+    space, schedule = problem.space, problem.spec.schedule
+    assert (schedule.steps_offset, schedule.set_alpha_to_one) == (1, False)
+    assert space.starts == (1, 89, 356, 801)  # the quad groups shifted by the offset
+    np.testing.assert_array_equal(np.asarray(space.timesteps(space.seed())), [801, 356, 89, 1])
+    ref = DDIMScheduler.from_pretrained(sd_folder[0] / "scheduler")
+    for steps, ours in ((7, search_run.reference_timesteps(c, schedule)), (5, schedule.default_timesteps(5))):
+        ref.set_timesteps(steps)
+        np.testing.assert_array_equal(ours, ref.timesteps.numpy())
+    # every t a candidate can pick makes the last step move its input
+    abar = schedule.alphas_cumprod()
+    x, eps = np.full(3, 0.5), np.asarray([-1.0, 0.2, 1.0])
+    step = diffusion.ddim_step(x, eps, abar[space.starts[0]], schedule.final_alpha_cumprod(), None)[0]
+    assert np.abs(np.asarray(step) - x).max() > 1e-5
+
+
+def test_zero_terminal_snr_with_epsilon_fails_at_config_time(sd_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "zsnr"
+    shutil.copytree(sd_folder[0], folder)
+    cfg = folder / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "rescale_betas_zero_snr": True}))
+    c = tiny_sd_config((folder, sd_folder[1]))
+    with pytest.raises(ValueError, match=r"config.model_dir=.*zsnr.*rescale_betas_zero_snr=true gives abar_t = 0 at "
+                                         r"t = 999.*prediction_type='epsilon'"):
+        search_run.validate_config(c)
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "v_prediction"}))
+    search_run.validate_config(c)

@@ -172,11 +172,17 @@ def _config():
      r"would compare \(32, 32, 3\) samples with the MNIST reference 'mnist-heldout'"),
     (dict(num_mutation=4), r"num_mutation \+ num_crossover=5 is invalid"),
     (dict(algorithm="CMA-ES"), "evosax has no algorithm 'CMA-ES'"),
+    (dict(bit_choices=(7, 6, 5)), r"baselines has 'uniform_w8a8', whose 8 bits are not among config.bit_choices"),
+    (dict(seed_bits=8), r"seed_bits=8 differs from config.budget_bits=6"),
+    (dict(seed_bits=8, budget_bitops=10**12), None),  # an explicit budget: the seed may be repaired into it
 ])
 def test_bad_config_values(changes, msg):
     c = _config()
     for k, v in changes.items():
         c[k] = v
+    if msg is None:
+        run_mod.validate_config(c)
+        return
     with pytest.raises(ValueError, match=msg):
         run_mod.validate_config(c)
 
@@ -195,3 +201,20 @@ def test_impossible_budget_is_a_clear_error(tmp_path):
     c.budget_bitops = 1
     with pytest.raises(ValueError, match="budget 1 BitOPs is impossible: the cheapest candidate"):
         run_mod.run_search(c, str(tmp_path))
+
+
+# --- groups follow the model's schedule -----------------------------------------------------------------------------
+
+
+def test_groups_begin_at_the_first_timestep():
+    from tmpq_jax.search.space import group_starts
+
+    assert group_starts(10).tolist() == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]  # DESIGN.md Sec. 1
+    assert group_starts(10, first_timestep=1).tolist() == [1, 10, 40, 89, 159, 247, 356, 484, 633, 801]
+    shifted = SearchSpace.create(4, 3, first_timestep=1)
+    assert shifted.starts == (1, 89, 356, 801) and shifted.groups[-1] == (801, 999)
+    assert int(np.asarray(shifted.timesteps(shifted.seed())).min()) == 1  # the seed skips t = 0
+    assert SearchSpace.create(4, 3, spacing="uniform", first_timestep=1).starts == (1, 251, 501, 751)
+    with pytest.raises(ValueError, match=r"custom group starts must begin at >= 1 .*got \[0, 10, 50\]"):
+        SearchSpace.create(3, 3, spacing="custom", starts=[0, 10, 50], first_timestep=1)
+    assert SearchSpace.create(3, 3, spacing="custom", starts=[1, 10, 50], first_timestep=1).starts == (1, 10, 50)

@@ -174,7 +174,7 @@ class NoiseSchedule:
     steps_offset: int = 0
     trained_betas: tuple[float, ...] | None = None
     rescale_betas_zero_snr: bool = False  # Lin et al. 2024: abar_T = 0, so eps-prediction fails at t = T-1
-    timestep_spacing: str = "leading"  # only for `default_timesteps`
+    timestep_spacing: str = "leading"  # `default_timesteps` (the FP teacher, calibration) and `first_timestep`
     # after clipping x0: re-derive eps from the clipped x0 (True: the project's own MNIST models) or keep the model's
     # eps (False: diffusers' DDIM default, use_clipped_model_output=False; set for every folder's scheduler config)
     clipped_model_output: bool = True
@@ -208,6 +208,29 @@ class NoiseSchedule:
         return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod()[0])
 
     # --- sampler ------------------------------------------------------------------------------------------------
+
+    def first_timestep(self) -> int:
+        """The smallest timestep a DDIM schedule over this model may use, as diffusers' `DDIMScheduler` does:
+        `steps_offset` under 'leading' spacing (`set_timesteps` adds it to every step), and at least 1 when
+        `set_alpha_to_one` is False: the last step from t = 0 would then go to abar_prev = abar_0 = abar_t and
+        return its input (DDIM eq. 12), a step that costs a UNet pass and does nothing."""
+        offset = self.steps_offset if self.timestep_spacing == "leading" else 0
+        return max(int(offset), 0 if self.set_alpha_to_one else 1)
+
+    def check_sampleable(self, timesteps=None, source: str | None = None) -> None:
+        """ValueError if DDIM over `timesteps` (default: all of 0..T-1) would divide by sqrt(abar_t) = 0.
+
+        Zero terminal SNR (`rescale_betas_zero_snr`, Lin et al. 2024) makes abar_{T-1} = 0: epsilon prediction then
+        has no x0 at t = T-1 (NaN samples, as in diffusers' DDIMScheduler); the paper trains such models with
+        v-prediction."""
+        abar = self.alphas_cumprod()
+        ts = np.arange(self.num_train_timesteps) if timesteps is None else np.asarray(timesteps).ravel()
+        bad = [int(t) for t in ts if abar[int(t)] <= 0.0]
+        if bad and self.prediction_type == "epsilon":
+            raise ValueError(f"{_where(source)}rescale_betas_zero_snr=true gives abar_t = 0 at t = {bad[0]}, where "
+                             f"prediction_type='epsilon' has no x0 (DDIM divides by sqrt(abar_t): NaN samples); "
+                             f"valid: prediction_type 'v_prediction' or 'sample' with zero terminal SNR, or "
+                             f"rescale_betas_zero_snr=false")
 
     def sampler_kwargs(self) -> dict:
         """Keyword arguments of `ddim_sample` for this schedule (clip_x0 None: nothing is clipped, e.g. latents)."""

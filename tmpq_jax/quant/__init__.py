@@ -5,14 +5,14 @@ Sampling with a quantized candidate lives in `tmpq_jax.sampling`; this package d
 
 from tmpq_jax.quant.calibrate import (QuantTables, calibrate, load_tables, save_tables, table_bits_for,
                                       trajectory_batches)
-from tmpq_jax.quant.engine import (STRATEGIES, CandidateQuant, auto_strategy, bitops, bitops_exact,
+from tmpq_jax.quant.engine import (STRATEGIES, CandidateQuant, auto_strategy, bitops,
                                    check_candidate_bits, check_candidate_bits_if_concrete, fp_bitops,
-                                   gather_candidate, population_fn, quantize_params, quantized_apply, site_bitops)
+                                   gather_candidate, population_fn, quantize_params, quantized_apply)
 from tmpq_jax.quant.fake_quant import check_bit_choices, check_bits, qdq_asymmetric, qdq_symmetric
 from tmpq_jax.quant.sites import DEFAULT_RULES, QuantRule, Site, SiteTable, discover_sites, make_interceptor
 
 __all__ = ["QuantTables", "calibrate", "load_tables", "save_tables", "table_bits_for", "trajectory_batches",
-           "STRATEGIES", "CandidateQuant", "auto_strategy", "bitops", "bitops_exact", "check_candidate_bits",
+           "STRATEGIES", "CandidateQuant", "auto_strategy", "bitops", "check_candidate_bits",
            "check_candidate_bits_if_concrete", "fp_bitops", "gather_candidate", "population_fn", "quantize_params",
-           "quantized_apply", "site_bitops", "check_bit_choices", "check_bits", "qdq_asymmetric", "qdq_symmetric",
+           "quantized_apply", "check_bit_choices", "check_bits", "qdq_asymmetric", "qdq_symmetric",
            "DEFAULT_RULES", "QuantRule", "Site", "SiteTable", "discover_sites", "make_interceptor"]

@@ -157,21 +157,27 @@ def _summary(x: jax.Array, key: jax.Array):
 
 
 def make_stats_fn(apply_fn: Callable):
-    """jit(salt, params, *inputs) -> {"path|role": (min, max, subsample)} for every site operand."""
+    """jit(salt, params, *inputs) -> {"path|role": (min, max, subsample)} for every site operand.
+
+    A module called several times per forward (its MACs count every call, `discover_sites`) shares one quantizer, so
+    its statistics cover every call: min and max over all of them, and a subsample of each call's operand."""
 
     @jax.jit
     def stats(salt, params, *inputs):
-        found = {}
+        found: dict[str, list] = {}
 
         def operand_fn(path, role, x):
             name = f"{path}|{role}"
-            if name not in found:
-                found[name] = _summary(x, jax.random.fold_in(jax.random.key(zlib.crc32(name.encode())), salt))
+            calls = found.setdefault(name, [])
+            key = jax.random.fold_in(jax.random.key(zlib.crc32(name.encode())), salt)
+            calls.append(_summary(x, key if not calls else jax.random.fold_in(key, len(calls))))
             return x
 
         with nn.intercept_methods(make_interceptor(operand_fn)):
             apply_fn(params, *inputs)
-        return found
+        return {name: (jnp.min(jnp.stack([c[0] for c in calls])), jnp.max(jnp.stack([c[1] for c in calls])),
+                       jnp.concatenate([c[2] for c in calls]))
+                for name, calls in found.items()}
 
     return stats
 
@@ -250,6 +256,28 @@ def _escape(d: dict) -> dict:
     return {k.replace("/", "|"): v for k, v in d.items()}
 
 
+def table_shape_error(tables: QuantTables, sites: SiteTable) -> str | None:
+    """What is wrong with the tables' shapes for these sites, or None: table_bits (B,), a_range and w_range
+    (L, B, 2), and w_clip[path] (B, C_out) for exactly the sites with weights."""
+    tb = np.asarray(tables.table_bits)
+    if tb.ndim != 1 or not len(tb):
+        return f"table_bits has shape {tb.shape}, expected (B,) with B >= 1"
+    n_bits, want = len(tb), (len(sites), len(tb), 2)
+    for name in ("a_range", "w_range"):
+        shape = tuple(np.shape(getattr(tables, name)))
+        if shape != want:
+            return f"{name} has shape {shape}, expected {want} (sites, bit-widths, [lo, hi])"
+    weights = {s.path: s for s in sites.weight_sites}
+    if set(tables.w_clip) != set(weights):
+        extra, missing = sorted(set(tables.w_clip) - set(weights)), sorted(set(weights) - set(tables.w_clip))
+        return f"w_clip entries do not match the weight sites (missing {missing[:3]}, unexpected {extra[:3]})"
+    for p, site in weights.items():
+        shape = tuple(np.shape(tables.w_clip[p]))
+        if shape != (n_bits, site.out_channels):
+            return f"w_clip of site {p!r} has shape {shape}, expected {(n_bits, site.out_channels)}"
+    return None
+
+
 def load_tables(path: str | Path, sites: SiteTable, bit_choices=None) -> QuantTables:
     """Load tables and check they were calibrated for these sites, are finite (and cover `bit_choices`).
 
@@ -266,6 +294,8 @@ def load_tables(path: str | Path, sites: SiteTable, bit_choices=None) -> QuantTa
     if paths != sites.paths:
         raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} were calibrated for other sites "
                                          f"({len(paths)} sites vs the model's {len(sites)}); recalibrate")
+    if bad := table_shape_error(tables, sites):
+        raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} are malformed: {bad}; recalibrate")
     try:
         bad = first_nonfinite(sites, tables.table_bits, tables.w_clip, tables.a_range, tables.w_range)
     except (IndexError, TypeError) as e:

@@ -203,29 +203,16 @@ def population_fn(fn: Callable, strategy: str = "auto", chunk_size: int = 1, dev
 # --- BitOPs -------------------------------------------------------------------------------------------------------
 
 
-def site_bitops(sites: SiteTable, w_bits, a_bits, num_steps) -> jax.Array:
-    """Per-site MACs x w_bits x a_bits x steps, pinned bits (rules) applied; shape (..., L)."""
-    macs = jnp.asarray(sites.macs, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
-    w, a = resolve_bits(sites, jnp.asarray(w_bits), jnp.asarray(a_bits))
-    return macs * w * a * jnp.asarray(num_steps, macs.dtype)
-
-
-def bitops(sites: SiteTable, w_bits, a_bits, num_steps) -> jax.Array:
-    """Sum over sites of MACs x w_bits x a_bits, per image, times the number of sampling steps (TMPQ-DM eq. 6).
-
-    Works on concrete or traced bits and on population batches (..., L).
-    """
-    return jnp.sum(site_bitops(sites, w_bits, a_bits, num_steps), axis=-1)
-
-
-def bitops_exact(sites: SiteTable, w_bits, a_bits, num_steps: int) -> int:
-    """Integer BitOPs (Python ints, no float rounding) for reports."""
-    w = np.asarray(w_bits).reshape(-1)
-    a = np.asarray(a_bits).reshape(-1)
-    total = 0
-    for i, s in enumerate(sites.sites):
-        total += s.macs * int(s.fixed_w_bits or w[i]) * int(s.fixed_a_bits or a[i])
-    return int(total) * int(num_steps)
+def bitops(sites: SiteTable, w_bits, a_bits, num_steps: int) -> int | np.ndarray:
+    """Exact BitOPs per image (TMPQ-DM eq. 6): sum over sites of MACs x w_bits x a_bits, pinned bits (rules)
+    applied, times the sampling steps. Host int64: a Python int for one candidate (L,), an int64 array (P,) for a
+    population (P, L); never a float, so costs next to the exact `Budget` compare exactly."""
+    w, a = np.asarray(w_bits, np.int64), np.asarray(a_bits, np.int64)
+    fw = np.asarray([s.fixed_w_bits for s in sites.sites], np.int64)
+    fa = np.asarray([s.fixed_a_bits for s in sites.sites], np.int64)
+    w, a = np.where(fw > 0, fw, w), np.where(fa > 0, fa, a)
+    total = (sites.macs * w * a).sum(-1) * np.int64(num_steps)
+    return int(total) if np.ndim(total) == 0 else total
 
 
 def fp_bitops(sites: SiteTable, num_steps: int, bits: int = 32) -> int:

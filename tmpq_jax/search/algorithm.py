@@ -5,6 +5,10 @@ Each generation (reference code): `num_mutation` mutations of random top-k paren
 probability `mutation_prob`), `num_crossover` uniform crossovers of two random parents, and random candidates for
 the rest. The first population is the seed, `num_mutation` mutations of the seed, and random candidates.
 Parents are the top-k of everything evaluated so far.
+
+`tell` takes a fitness (P,) or lexicographic keys (P, 2) = [primary, score]: the driver's successive halving tells
+[fidelity levels not reached, score at the level reached], so a candidate that reached a higher fidelity ranks
+first, then the better score there, with no float offsets (`lexicographic_order`).
 """
 
 from __future__ import annotations
@@ -21,13 +25,29 @@ from tmpq_jax.search.space import Genome, SearchSpace
 @flax.struct.dataclass
 class EvoState:
     top_genomes: Genome  # (k, ...) best seen so far, sorted by fitness
-    top_fitness: jax.Array  # (k,)
+    top_fitness: jax.Array  # (k,) score (the secondary key)
+    top_primary: jax.Array  # (k,) primary key (fidelity levels not reached; 0 for a plain fitness)
     generation: jax.Array
 
 
 def clean_fitness(fitness: jax.Array) -> jax.Array:
     """NaN -> +inf, so a broken candidate is infeasible, never a crash."""
     return jnp.where(jnp.isnan(fitness), jnp.inf, fitness)
+
+
+def ranking_keys(fitness: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(primary, score) of a told fitness: (P,) -> (0, fitness); (P, 2) -> its columns. NaN -> +inf in both."""
+    f = clean_fitness(jnp.asarray(fitness, jnp.float32))
+    if f.ndim == 1:
+        return jnp.zeros_like(f), f
+    if f.ndim != 2 or f.shape[1] != 2:
+        raise ValueError(f"fitness must be (P,) scores or (P, 2) keys [primary, score], got shape {f.shape}")
+    return f[:, 0], f[:, 1]
+
+
+def lexicographic_order(primary: jax.Array, score: jax.Array) -> jax.Array:
+    """Indices sorting by primary, then score, then position (stable): exact, whatever the magnitudes."""
+    return jnp.lexsort((jnp.arange(primary.shape[0]), score, primary))
 
 
 def _stack(gs: list[Genome]) -> Genome:
@@ -87,7 +107,7 @@ class EvolutionSearch:
         k = self.num_parents
         seed = self.space.seed()
         genomes = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), seed)
-        return EvoState(genomes, jnp.full((k,), jnp.inf), jnp.asarray(0, jnp.int32))
+        return EvoState(genomes, jnp.full((k,), jnp.inf), jnp.full((k,), jnp.inf), jnp.asarray(0, jnp.int32))
 
     def ask(self, key: jax.Array, state: EvoState) -> tuple[Genome, EvoState]:
         p, m, c = self.population_size, self.num_mutation, self.num_crossover
@@ -101,7 +121,7 @@ class EvolutionSearch:
                         jax.vmap(lambda k, g: mutate(k, g, space, self.mutation_prob))(jax.random.split(k_first, m), seeds),
                         jax.vmap(space.random)(jax.random.split(k_rand, p - m - 1))])
         # later: mutations and crossovers of the top-k, random fill
-        valid = jnp.isfinite(state.top_fitness)
+        valid = jnp.isfinite(state.top_fitness) & jnp.isfinite(state.top_primary)
         n_valid = jnp.maximum(jnp.sum(valid), 1)
 
         def pick(k, n):
@@ -116,16 +136,19 @@ class EvolutionSearch:
         return jax.tree.map(lambda a, b: jnp.where(state.generation == 0, a, b), first, later), state
 
     def tell(self, key: jax.Array, population: Genome, fitness: jax.Array, state: EvoState) -> EvoState:
-        """Keep the top-k distinct genomes of everything seen (a repeat of a kept genome is not kept twice)."""
+        """Keep the top-k distinct genomes of everything seen (a repeat of a kept genome is not kept twice), in
+        lexicographic order of (primary, score) (`ranking_keys`)."""
         del key
-        fitness = clean_fitness(fitness)
+        primary, score = ranking_keys(fitness)
         all_g = _stack([state.top_genomes, population])
-        all_f = jnp.concatenate([state.top_fitness, fitness])
-        by_fit = jnp.argsort(all_f, stable=True)  # best first, so a repeat keeps its best-scored copy
+        all_p = jnp.concatenate([state.top_primary, primary])
+        all_f = jnp.concatenate([state.top_fitness, score])
+        by_fit = lexicographic_order(all_p, all_f)  # best first, so a repeat keeps its best-ranked copy
         all_g = jax.tree.map(lambda x: x[by_fit], all_g)
-        all_f = jnp.where(repeats(all_g), jnp.inf, all_f[by_fit])
-        order = jnp.argsort(all_f, stable=True)[: self.num_parents]
-        return EvoState(jax.tree.map(lambda x: x[order], all_g), all_f[order], state.generation + 1)
+        rep = repeats(all_g)
+        all_p, all_f = jnp.where(rep, jnp.inf, all_p[by_fit]), jnp.where(rep, jnp.inf, all_f[by_fit])
+        order = lexicographic_order(all_p, all_f)[: self.num_parents]
+        return EvoState(jax.tree.map(lambda x: x[order], all_g), all_f[order], all_p[order], state.generation + 1)
 
     def best(self, state: EvoState) -> tuple[Genome, jax.Array]:
         return jax.tree.map(lambda x: x[0], state.top_genomes), state.top_fitness[0]
@@ -199,6 +222,13 @@ class EvosaxSearch:
         return self.decode(x), state.replace(inner=inner)
 
     def tell(self, key: jax.Array, population: Genome, fitness: jax.Array, state: EvosaxState) -> EvosaxState:
-        inner, _ = self._strategy().tell(key, self.encode(population), clean_fitness(fitness), state.inner,
-                                         state.params)
+        """evosax takes scalars: the scores themselves when every candidate shares the primary key (one fidelity
+        level), else their exact lexicographic ranks within this population (0 = best; strategies that compare
+        values across generations, such as elitist GAs, then compare ranks)."""
+        primary, score = ranking_keys(fitness)
+        order = lexicographic_order(primary, score)
+        ranks = jnp.zeros_like(score).at[order].set(jnp.arange(score.shape[0], dtype=score.dtype))
+        ranks = jnp.where(jnp.isfinite(score), ranks, jnp.inf)
+        scalar = jnp.where(jnp.all(primary == primary[0]), score, ranks)
+        inner, _ = self._strategy().tell(key, self.encode(population), scalar, state.inner, state.params)
         return state.replace(inner=inner, generation=state.generation + 1)

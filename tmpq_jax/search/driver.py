@@ -5,8 +5,8 @@ score them with successive halving on the sample count, tell the algorithm, chec
   `max_redraw` rounds, like the reference code's visited set); what is left after that is scored from the
   evaluator's cache and is not counted as new.
 - Multi-fidelity (successive halving, Jamieson & Talwalkar 2016): all candidates at n_0 samples, the best
-  `keep` fraction of them at n_1, and so on. The algorithm ranks candidates by the highest fidelity they reached,
-  then by their score there (a scalar: lower fidelities are offset by FIDELITY_OFFSET).
+  `keep` fraction of them at n_1, and so on. The algorithm ranks candidates lexicographically: by the highest
+  fidelity they reached, then by their score there (`rank_keys`: [levels not reached, score], no float offsets).
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from tmpq_jax import checkpoint
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.fitness import Evaluator, Metric, NoiseSet, candidate_key, nan_to_inf
 from tmpq_jax.search.space import Genome, SearchSpace
-
-FIDELITY_OFFSET = 1e12
-
 
 class ConfigChangedError(ValueError):
     """--resume under settings that differ from the checkpoint's."""
@@ -132,9 +129,31 @@ def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, m
     return pop, state, cost, feasible, ~dup
 
 
+def rank_keys(scores: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """(P, 2) float32 lexicographic keys for `tell`: [fidelity levels not reached, score at the level reached].
+
+    Unscored candidates (level -1) get [levels, inf]; a NaN score is +inf (infeasible). Keys compare exactly: no
+    offset folds the level into the score."""
+    scores = np.asarray(scores, np.float64)
+    level = np.asarray(level)
+    top = scores.shape[1] - 1
+    reached = level >= 0
+    at = np.where(reached[:, None], scores[np.arange(len(level)), np.maximum(level, 0)][:, None], np.inf)[:, 0]
+    return np.stack([np.where(reached, top - level, top + 1), nan_to_inf(at)], axis=1).astype(np.float32)
+
+
+def generation_ranks(keys: np.ndarray) -> np.ndarray:
+    """Position of each candidate in the lexicographic order of `rank_keys` (0 = best), +inf if unscored or NaN."""
+    order = np.lexsort((np.arange(len(keys)), keys[:, 1], keys[:, 0]))
+    ranks = np.empty(len(keys))
+    ranks[order] = np.arange(len(keys))
+    return np.where(np.isfinite(keys).all(axis=1), ranks, np.inf)
+
+
 def score_population(evaluator: Evaluator, metric: Metric, space: SearchSpace, pop: Genome, feasible,
                      settings: SearchSettings):
-    """Successive halving over the fidelity levels: (scores (P, levels), level reached (P,), rank value (P,))."""
+    """Successive halving over the fidelity levels: (scores (P, levels), level reached (P,), keys (P, 2) from
+    `rank_keys`)."""
     ts, wb, ab = decode_np(space, pop)
     levels = settings.noise_sets()
     p = len(ts)
@@ -151,11 +170,7 @@ def score_population(evaluator: Evaluator, metric: Metric, space: SearchSpace, p
             break
         scores[alive, j] = evaluator.evaluate(ts[alive], wb[alive], ab[alive], noise_set, [metric])[:, 0]
         level[alive] = j
-    top = len(levels) - 1
-    rank = np.full(p, np.inf)
-    for i in np.flatnonzero(level >= 0):
-        rank[i] = nan_to_inf(scores[i, level[i]]) + (top - level[i]) * FIDELITY_OFFSET
-    return scores, level, rank
+    return scores, level, rank_keys(scores, level)
 
 
 def _fill_cache(evaluator: Evaluator, metric: Metric, space: SearchSpace, log: dict, gen: int,
@@ -200,8 +215,9 @@ def evolve(name: str, algo: Any, space: SearchSpace, budget: Budget, evaluator: 
         k = jax.random.fold_in(key, gen)
         pop, state, cost, feasible, new = propose(ask, k, state, space, budget, visited, settings.max_redraw,
                                                   warm if gen == 0 else ())
-        scores, level, rank = score_population(evaluator, metric, space, pop, feasible, settings)
-        state = tell(k, jax.tree.map(jnp.asarray, pop), jnp.asarray(np.minimum(rank, 3e38), jnp.float32), state)
+        scores, level, keys = score_population(evaluator, metric, space, pop, feasible, settings)
+        state = tell(k, jax.tree.map(jnp.asarray, pop), jnp.asarray(keys), state)
+        rank = generation_ranks(keys)
         for dst, src in zip(jax.tree.leaves(log["genomes"]), jax.tree.leaves(pop)):
             dst[gen] = src
         log["scores"][gen], log["level"][gen], log["rank"][gen] = scores, level, rank

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from tmpq_jax import checkpoint, data, diffusion, models, quant, text
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
+from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
 from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve
 from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, check_metric_for_model, make_metric,
                                      nan_to_inf)
@@ -84,6 +85,17 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for name in c.baselines:
         if name not in BASELINES:
             raise ValueError(f"config.baselines has unknown entry {name!r}; valid: {BASELINES}")
+        if name.startswith("uniform_") and uniform_bits(name) not in list(c.bit_choices):
+            raise ValueError(f"config.baselines has {name!r}, whose {uniform_bits(name)} bits are not among "
+                             f"config.bit_choices={list(c.bit_choices)}; valid: uniform baselines at those bits "
+                             f"(or add {uniform_bits(name)} to bit_choices)")
+    if not c.budget_bitops and c.seed_bits != c.budget_bits:
+        raise ValueError(f"config.seed_bits={c.seed_bits} differs from config.budget_bits={c.budget_bits}: the "
+                         f"DDIM-quad seed (uniform W{c.seed_bits}A{c.seed_bits}) and the budget (uniform "
+                         f"W{c.budget_bits}A{c.budget_bits}) must be the same candidate; valid: seed_bits = "
+                         f"budget_bits, or an explicit config.budget_bitops")
+    source = f"config.model_dir={c.model_dir!r}" if c.get("model_dir", "") else f"config.model={c.model!r}"
+    spec.schedule.check_sampleable(source=source)
     # metrics and their reference data, against the model
     check_metric_for_model(c.metric, c.fitness_reference, spec.image_shape, "metric")
     for name in c.report_metrics:
@@ -111,8 +123,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
                          "vs 'mnist-heldout')")
     # the algorithm (population arithmetic, evosax names) and the space
     space = SearchSpace.create(c.num_steps, 1, list(c.bit_choices), c.spacing, list(c.group_starts) or None,
-                               seed_bits=c.seed_bits, num_train_timesteps=T)
+                               seed_bits=c.seed_bits, num_train_timesteps=T,
+                               first_timestep=spec.schedule.first_timestep())
     make_algorithm(c, space)
+    spec.schedule.default_timesteps(c.reference_steps)  # steps_offset may push the teacher's grid past T
+    spec.schedule.default_timesteps(c.calib_steps)
+
+
+def uniform_bits(name: str) -> int:
+    """The bits of a uniform baseline's name: 'uniform_w6a6' -> 6."""
+    return int(name.split("_w")[1].split("a")[0])
 
 
 def resolve_spec(c) -> models.ModelSpec:
@@ -216,7 +236,8 @@ def build_problem(c, workdir: Path | None = None) -> Problem:
         sites = quant.SiteTable(tuple(dataclasses.replace(s, macs=s.macs * spec.unet_passes_per_step)
                                       for s in sites.sites))
     space = SearchSpace.create(c.num_steps, len(sites), list(c.bit_choices), c.spacing, list(c.group_starts) or None,
-                               seed_bits=c.seed_bits, num_train_timesteps=spec.schedule.num_train_timesteps)
+                               seed_bits=c.seed_bits, num_train_timesteps=spec.schedule.num_train_timesteps,
+                               first_timestep=spec.schedule.first_timestep())
     budget = Budget.create(sites, space, int(c.budget_bitops) or None, c.budget_bits)
     print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
           f"{int(sites.macs.sum()):,} MACs/step ({spec.unet_passes_per_step} UNet pass(es) per step); budget "
@@ -246,17 +267,18 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
     """Shared per-bit tables on FP DDIM trajectories (TMPQ-DM Sec. 3.3), cached in the workdir."""
     spec, sites = problem.spec, problem.sites
     path = workdir / "quant_tables.msgpack"
-    meta = {"checkpoint_sha256": problem.checkpoint_sha, "calib_steps": c.calib_steps,
-            "calib_samples": c.calib_samples, "calib_seed": c.seed, "bit_choices": list(c.bit_choices)}
+    key = cache_key("tables", c, problem.checkpoint_sha, sites=list(sites.paths))
     if path.exists() and path.with_suffix(".json").exists():
-        old = json.loads(path.with_suffix(".json").read_text())
-        if all(old.get(k) == v for k, v in meta.items()):
+        diff = key_diff(json.loads(path.with_suffix(".json").read_text()).get("cache_key"), key)
+        if not diff:
             print(f"loading calibration tables from {path}", flush=True)
             return quant.load_tables(path, sites, list(c.bit_choices))
+        print(f"calibration tables in {path} were made under other settings ({', '.join(diff[:6])}); "
+              "recalibrating", flush=True)
     abar = jnp.asarray(spec.schedule.alphas_cumprod(), jnp.float32)
     noise = jax.random.normal(jax.random.key(c.seed + 7919), (c.calib_samples, *spec.sample_shape))
     labels = (jnp.arange(c.calib_samples) % max(spec.num_classes, 1)).astype(jnp.int32)
-    ts = diffusion.uniform_timesteps(c.calib_steps, spec.schedule.num_train_timesteps)
+    ts = spec.schedule.default_timesteps(c.calib_steps)  # the grid diffusers' DDIMScheduler runs for this model
     # 1. FP DDIM trajectories in chunks of calib_batch samples, collected on the host
     apply_fn = problem.apply_fn
     traj_fn = jax.jit(lambda p, z, y: diffusion.ddim_sample(lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z, y,
@@ -279,7 +301,7 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
     inputs = tuple(a[perm] for a in inputs)
     tables = quant.calibrate(apply_fn, problem.params, sites, quant.trajectory_batches(inputs, c.calib_batch),
                              list(c.bit_choices), seed=c.seed, num_batches=-(-m // c.calib_batch))
-    quant.save_tables(path, tables, sites, meta)
+    quant.save_tables(path, tables, sites, {"cache_key": key})
     return tables
 
 
@@ -311,24 +333,40 @@ def noise_sets(c) -> dict[str, NoiseSet]:
             "report": NoiseSet(c.report_noise_seed, "report", c.final_samples)}
 
 
-def reference_timesteps(c, num_train_timesteps: int = diffusion.NUM_TRAIN_TIMESTEPS) -> np.ndarray:
-    return diffusion.uniform_timesteps(c.reference_steps, num_train_timesteps)
+def reference_timesteps(c, schedule: diffusion.NoiseSchedule) -> np.ndarray:
+    """The FP reference sampler's steps: `DDIMScheduler.set_timesteps(reference_steps)` for the model's schedule
+    (spacing and steps_offset of its scheduler config)."""
+    return schedule.default_timesteps(c.reference_steps)
+
+
+def teacher_key(c, problem: Problem, noise_set: NoiseSet) -> dict:
+    return cache_key("teacher", c, problem.checkpoint_sha, noise=dataclasses.astuple(noise_set),
+                     timesteps=reference_timesteps(c, problem.spec.schedule).tolist())
 
 
 def teacher_images(c, problem: Problem, evaluator: Evaluator, noise_set: NoiseSet, workdir: Path) -> np.ndarray:
     """The FP reference sampler's images on `noise_set`, computed once and cached in the workdir."""
-    tag = hashlib.sha256(json.dumps([problem.checkpoint_sha, c.reference_steps, dataclasses.astuple(noise_set)])
-                         .encode()).hexdigest()[:16]
-    path = workdir / f"teacher_{noise_set.purpose}_{tag}.npz"
+    key = teacher_key(c, problem, noise_set)
+    path = workdir / f"teacher_{noise_set.purpose}_{cache_tag(key)}.npz"
     if path.exists():
-        images = np.load(path)["images"]
-        if images.shape == (noise_set.n, *problem.spec.image_shape) and np.isfinite(images).all():
+        with np.load(path) as z:
+            images = z["images"]
+            stored = json.loads(str(z["cache_key"])) if "cache_key" in z else None
+        if (not key_diff(stored, key) and images.shape == (noise_set.n, *problem.spec.image_shape)
+                and np.isfinite(images).all()):
             evaluator.teachers[noise_set] = images
             return images
     print(f"FP teacher: {c.reference_steps} DDIM steps on {noise_set}", flush=True)
-    images = evaluator.sample_fp(reference_timesteps(c, problem.spec.schedule.num_train_timesteps), noise_set)
+    images = evaluator.sample_fp(reference_timesteps(c, problem.spec.schedule), noise_set)
+    bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if bad.any():
+        raise FloatingPointError(f"the FP teacher ({c.reference_steps} DDIM steps, {problem.spec.name}) made "
+                                 f"non-finite images for {int(bad.sum())} of {len(images)} samples of {noise_set} "
+                                 f"(first: #{int(np.flatnonzero(bad)[0])}); every paired score would be NaN. Check "
+                                 "the model's params and scheduler config (e.g. zero terminal SNR with epsilon "
+                                 "prediction) and config.matmul_precision")
     if checkpoint.is_primary():
-        np.savez(path, images=images)
+        np.savez(path, images=images, cache_key=np.asarray(json.dumps(key, sort_keys=True)))
     evaluator.teachers[noise_set] = images
     return images
 
@@ -435,7 +473,7 @@ def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric
     fitness_set = noise_sets(c)["fitness"]
     for name in c.baselines:
         if name.startswith("uniform_"):
-            g = jax.tree.map(np.asarray, problem.space.uniform_bits(int(name.split("_w")[1].split("a")[0])))
+            g = jax.tree.map(np.asarray, problem.space.uniform_bits(uniform_bits(name)))
             pop = jax.tree.map(lambda x: x[None], g)
             fit = nan_to_inf(evaluator.evaluate(*decode_np(problem.space, pop), fitness_set, [metric])[0, 0])
             out[name] = Finalist(g, problem.space, _num(fit), None, "fixed")
@@ -482,7 +520,7 @@ def report(c, problem: Problem, evaluator: Evaluator, metric_set: MetricSet, fin
     entries, images = {}, {}
     ref_images = teachers[report_set]
     entries["reference"] = {"steps": c.reference_steps,
-                            "timesteps": reference_timesteps(c, problem.spec.schedule.num_train_timesteps).tolist(),
+                            "timesteps": reference_timesteps(c, problem.spec.schedule).tolist(),
                             "bitops": quant.fp_bitops(problem.sites, c.reference_steps)}
     images["reference"] = ref_images
     todo = {k: f for k, f in finalists.items() if f is not None}

@@ -27,26 +27,37 @@ class Genome:
 
 
 def group_starts(num_steps: int, spacing: str = "quad", num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-                 starts: Sequence[int] | None = None) -> np.ndarray:
-    """Group start points, ascending. 'quad': floor(linspace(0, sqrt(0.8 T), N)^2) as in the reference code."""
+                 starts: Sequence[int] | None = None, first_timestep: int = 0) -> np.ndarray:
+    """Group start points, ascending. 'quad': floor(linspace(0, sqrt(0.8 T), N)^2) as in the reference code,
+    'uniform': i T // N (diffusers' 'leading' grid); both shifted by `first_timestep` (the schedule's
+    `NoiseSchedule.first_timestep()`: steps_offset, and no t whose DDIM step returns its input). 'custom': `starts`
+    as given, the first >= `first_timestep`."""
     if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be an integer in [1, {num_train_timesteps}] (the training steps), "
                          f"got {num_steps!r}")
+    if not isinstance(first_timestep, (int, np.integer)) or not 0 <= first_timestep < num_train_timesteps:
+        raise ValueError(f"first_timestep must be an integer in [0, {num_train_timesteps - 1}], got {first_timestep!r}")
     if spacing == "quad":
         b = np.floor(np.linspace(0, np.sqrt(0.8 * num_train_timesteps), num_steps) ** 2).astype(np.int64)
+        b = b + first_timestep
     elif spacing == "uniform":
-        b = (np.arange(num_steps) * num_train_timesteps) // num_steps
+        b = (np.arange(num_steps) * num_train_timesteps) // num_steps + first_timestep
     elif spacing == "custom":
         if starts is None:
-            raise ValueError("spacing='custom' needs group starts, e.g. [0, 10, 50, 200]")
+            raise ValueError(f"spacing='custom' needs group starts, e.g. {[first_timestep, 10, 50, 200]}")
         b = np.asarray(starts, np.int64)
         if b.shape != (num_steps,):
             raise ValueError(f"custom group starts must list {num_steps} values (one per step), got {b.tolist()}")
-        if b[0] != 0 or b.max() >= num_train_timesteps:
-            raise ValueError(f"custom group starts must begin at 0 and stay below {num_train_timesteps}, "
-                             f"got {b.tolist()}")
+        if b[0] < first_timestep or b.max() >= num_train_timesteps:
+            why = (f" (the schedule's first usable timestep: steps_offset, or the step from t = 0 returns its "
+                   f"input)" if first_timestep else "")
+            raise ValueError(f"custom group starts must begin at >= {first_timestep}{why} and stay below "
+                             f"{num_train_timesteps}, got {b.tolist()}")
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; valid: 'quad', 'uniform', 'custom'")
+    if b.max() >= num_train_timesteps:
+        raise ValueError(f"{spacing} groups shifted to start at t = {first_timestep} reach t = {int(b.max())} >= "
+                         f"num_train_timesteps={num_train_timesteps}; use fewer steps")
     if np.any(np.diff(b) <= 0):
         dup = b[1:][np.diff(b) <= 0].tolist()
         raise ValueError(f"{spacing} spacing with {num_steps} steps gives empty timestep groups (repeated starts "
@@ -69,8 +80,9 @@ class SearchSpace:
     @classmethod
     def create(cls, num_steps: int, num_sites: int, bit_choices: Sequence[int] = (8, 7, 6, 5),
                spacing: str = "quad", starts: Sequence[int] | None = None, seed_bits: int = 6,
-               num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> "SearchSpace":
-        b = group_starts(num_steps, spacing, num_train_timesteps, starts)
+               num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, first_timestep: int = 0) -> "SearchSpace":
+        """`first_timestep`: the model schedule's `first_timestep()`, where the groups begin."""
+        b = group_starts(num_steps, spacing, num_train_timesteps, starts, first_timestep)
         choices = sorted(check_bit_choices(bit_choices).tolist(), reverse=True)
         if seed_bits not in choices:
             raise ValueError(f"seed_bits={seed_bits} must be one of the bit choices {choices}")
