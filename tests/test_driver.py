@@ -161,3 +161,22 @@ def test_budget_below_the_seed_cost_skips_timestep_only_and_keeps_precision_only
     assert p.log["bitops"][p.log["feasible"]].max() <= tight.limit
     final = run_mod.baseline_finalists(c, problem, fake_evaluator(), MeanMetric(), searches)
     assert final["timestep_only"] is None and final["precision_only"] is not None
+
+
+def test_candidates_stopped_at_a_low_fidelity_rank_by_their_score_there():
+    """Successive halving used to tell score + 1e12 per missing level in float32, where steps are 65,536 apart:
+    every candidate that stopped early tied, and the parents among them were picked by position."""
+    from tmpq_jax.search.driver import generation_ranks, rank_keys
+
+    scores = np.array([[0.04, np.nan], [0.01, np.nan], [0.005, 0.5], [0.03, np.nan], [0.002, 0.4], [0.02, np.nan],
+                       [np.nan, np.nan]])
+    level = np.array([0, 0, 1, 0, 1, 0, -1])
+    keys = rank_keys(scores, level)
+    np.testing.assert_array_equal(keys[:, 0], [1, 1, 0, 1, 0, 1, 2])
+    np.testing.assert_array_equal(generation_ranks(keys), [5, 2, 1, 4, 0, 3, np.inf])
+    # the algorithm keeps the two full-fidelity candidates, then the two best low-fidelity ones by their score
+    algo = EvolutionSearch(SPACE, 7, 4, 2, 1)
+    pop, state = algo.ask(jax.random.key(0), algo.init(jax.random.key(0)))
+    state = algo.tell(jax.random.key(0), pop, jax.numpy.asarray(keys), state)
+    np.testing.assert_allclose(np.asarray(state.top_fitness), [0.4, 0.5, 0.01, 0.02], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state.top_primary), [0, 0, 1, 1])

@@ -51,6 +51,29 @@ def test_search_writes_results_with_all_fields(tiny_run):
     assert r["metric_name"] == "teacher_mse" and r["noise"]["fitness"]["n"] == 8
 
 
+def test_every_reported_bitops_is_recomputed_from_its_bits_and_macs(tiny_run):
+    """BitOPs = sum over sites of MACs x w_bits x a_bits, times the steps (TMPQ-DM eq. 6), from the JSON alone."""
+    _, r, _ = tiny_run
+    macs, steps = r["model"]["sites"], r["config"]["num_steps"]
+    for name, entry in {"best": r["best"], **r["baselines"]}.items():
+        cost = sum(m * entry["w_bits"][p] * entry["a_bits"][p] for p, m in macs.items()) * steps
+        assert entry["bitops"] == cost, name
+        assert entry["within_budget"] == (cost <= r["budget_bitops"])
+    assert r["reference"]["bitops"] == sum(macs.values()) * 32 * 32 * r["config"]["reference_steps"]
+    w6 = sum(macs.values()) * 36 * steps
+    assert r["budget_bitops"] == w6 == r["baselines"]["uniform_w6a6"]["bitops"]
+
+
+def test_the_search_never_ends_worse_than_its_seed_by_its_own_fitness(tiny_run):
+    """The DDIM-quad W6A6 seed is in the joint search's first population, so the search's best fitness is at most
+    the seed's (same fitness noise, same cache); the reported best is one of the top-k by that fitness."""
+    _, r, _ = tiny_run
+    seed = r["baselines"]["uniform_w6a6"]["search"]["fitness"]
+    assert [h["best"] for h in r["history"]] == sorted((h["best"] for h in r["history"]), reverse=True)
+    assert r["history"][-1]["best"] <= seed
+    assert r["best"]["search"]["fitness"] is not None and r["best"]["search"]["selection"] is not None
+
+
 def test_reported_numbers_are_on_held_out_noise_and_data(tiny_run):
     work, r, _ = tiny_run
     noise = r["noise"]

@@ -193,3 +193,65 @@ def test_help_exits_zero():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--num_samples" in proc.stdout and "--compare_to" in proc.stdout
+
+
+def test_a_samples_file_without_a_matching_cache_key_is_sampled_again(search_dir, evaluated, tmp_path, capsys):
+    """Files of an older version (no key) and files of other noise are never reused, even with the right shape."""
+    import shutil
+
+    work, _ = search_dir
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("eval_*"))
+    eval_dir = copy / f"eval_{SEED}"
+    eval_dir.mkdir()
+    good = np.load(work / f"eval_{SEED}" / "samples_best.npz")
+    np.savez(eval_dir / "samples_best.npz", images=good["images"])  # no cache key (an old file)
+    ev.evaluate(copy, "best", N, SEED, ["teacher_mse"], None, reference="mnist-heldout", bootstrap=0)
+    out = capsys.readouterr().out
+    assert "[best]" in out and "(no cache key stored); sampling again" in out and "[best] reusing" not in out
+    # a file whose key names another noise seed
+    key = json.loads(str(np.load(eval_dir / "samples_best.npz")["cache_key"]))
+    np.savez(eval_dir / "samples_best.npz", images=good["images"],
+             cache_key=np.asarray(json.dumps({**key, "noise": {**key["noise"], "noise_seed": SEED + 1}})))
+    r = ev.evaluate(copy, "best", N, SEED, ["teacher_mse"], None, reference="mnist-heldout", bootstrap=0)
+    assert "(made under other settings: noise); sampling again" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(eval_dir / "samples_best.npz")["images"], good["images"])
+    assert r["candidates"]["best"]["metrics"]["teacher_mse"]["value"] == \
+        evaluated[0]["candidates"]["best"]["metrics"]["teacher_mse"]["value"]
+
+
+def test_samples_are_drawn_at_the_search_matmul_precision(search_dir):
+    import jax
+    import ml_collections
+
+    from tmpq_jax.search.fitness import NoiseSet
+
+    seen = []
+
+    class Recorder:
+        def sample(self, ts, w, a, noise_set):
+            seen.append(jax.config.jax_default_matmul_precision)
+            return np.zeros((1, noise_set.n, 28, 28, 1))
+
+    class Problem:
+        sites = type("S", (), {"vector_from_map": staticmethod(lambda m, name: np.zeros(1, np.int32))})()
+
+    work, results = search_dir
+    c = ml_collections.ConfigDict({**results["config"], "matmul_precision": "high"})
+    sampler = ev._Sampler(c, work)
+    sampler._parts = (None, Problem(), Recorder())
+    sampler.sample("best", results["best"], NoiseSet(0, "report", 2))
+    assert seen == ["high"]
+
+
+def test_kid_is_compared_by_difference_not_ratio(search_dir):
+    work, _ = search_dir
+    r = ev.evaluate(work, "best,uniform_w6a6", N, SEED, ["kid_classifier", "classifier_fd"], None,
+                    reference="mnist-heldout", bootstrap=B)
+    best = r["candidates"]["best"]["metrics"]
+    kid = best["kid_classifier"]
+    assert "ratio_to_uniform_w6a6" not in kid and "ratio_to_uniform_w6a6" in best["classifier_fd"]
+    w6 = r["candidates"]["uniform_w6a6"]["metrics"]["kid_classifier"]["value"]
+    assert kid["difference_to_uniform_w6a6"]["value"] == pytest.approx(kid["value"] - w6, rel=1e-12)
+    lo, hi = kid["difference_to_uniform_w6a6"]["ci95"]
+    assert lo <= hi

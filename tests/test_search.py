@@ -218,3 +218,30 @@ def test_groups_begin_at_the_first_timestep():
     with pytest.raises(ValueError, match=r"custom group starts must begin at >= 1 .*got \[0, 10, 50\]"):
         SearchSpace.create(3, 3, spacing="custom", starts=[0, 10, 50], first_timestep=1)
     assert SearchSpace.create(3, 3, spacing="custom", starts=[1, 10, 50], first_timestep=1).starts == (1, 10, 50)
+
+
+def test_evosax_gets_scores_at_one_fidelity_and_exact_ranks_across_fidelities(monkeypatch):
+    from tmpq_jax.search.algorithm import EvosaxSearch
+
+    told = []
+
+    class Strategy:
+        def tell(self, key, x, fitness, inner, params):
+            told.append(np.asarray(fitness))
+            return inner, None
+
+    algo = EvosaxSearch(SearchSpace.create(3, 2), "CMA_ES", 4)
+    monkeypatch.setattr(EvosaxSearch, "_strategy", lambda self: Strategy())
+    pop = jax.vmap(algo.space.random)(jax.random.split(jax.random.key(0), 4))
+    state = algo.tell(jax.random.key(0), pop, jnp.asarray([0.3, 0.1, jnp.nan, 0.2]), _evosax_state())
+    np.testing.assert_allclose(told[-1], [0.3, 0.1, np.inf, 0.2], rtol=1e-7)
+    # two levels: full-fidelity candidates (primary 0) first, then by score; 1e-7 apart still ordered
+    keys = jnp.asarray([[1, 0.1], [0, 0.5], [1, 0.1 + 1e-7], [0, 0.4]], jnp.float32)
+    algo.tell(jax.random.key(0), pop, keys, state)
+    np.testing.assert_array_equal(told[-1], [2, 1, 3, 0])
+
+
+def _evosax_state():
+    from tmpq_jax.search.algorithm import EvosaxState
+
+    return EvosaxState(None, None, jnp.asarray(0, jnp.int32))
