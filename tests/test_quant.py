@@ -11,7 +11,10 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from tmpq_jax import checkpoint, models, quant, sampling
+from tmpq_jax.quant.calibrate import WEIGHT_CLIP_GRID, calibrate_weights
 from tmpq_jax.quant.sites import kernel_key
+
+from cost_helpers import MATMUL_SCALES, mac_ratios
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +120,124 @@ def test_calibration_is_reproducible_and_sane(any_tiny):
         absmax = np.abs(np.asarray(kernel)).reshape(-1, kernel.shape[-1]).max(0)
         assert bool(jnp.all(w_clip[0] <= w_clip[3] + 1e-7)), path
         np.testing.assert_allclose(w_clip[4], absmax, rtol=1e-6)
+
+
+def test_mse_weight_clip_beats_abs_max_on_trained_kernels():
+    """On the trained mnist-small kernels at 5 bits, each channel's clip is the MSE optimum of the clip grid, and every
+    kernel quantizes with less error than abs-max clipping (measured: 0.76 to 0.95 of it, 0.880 over all kernels)."""
+    spec = models.get_spec("mnist-small")
+    m = models.build_model(spec)
+    params = checkpoint.load_params(ROOT / "checkpoints" / "mnist-small" / "ema_params.msgpack", spec)
+    sites = quant.discover_sites(lambda p, *a: m.apply({"params": p}, *a), models.param_shapes(spec),
+                                 models.example_inputs(spec), rules=())
+    clips = calibrate_weights(params, sites, [5])
+    flat = flatten_dict(params)
+    total, total_absmax, worst_excess, worst_ratio = 0.0, 0.0, 0.0, 0.0
+    for s in sites.weight_sites:
+        w = np.asarray(flat[kernel_key(s.path)], np.float32)
+        w = w.reshape(-1, w.shape[-1])
+        absmax = np.abs(w).max(0)
+
+        def err(clip):  # per output channel
+            return np.sum((np.asarray(quant.qdq_symmetric(jnp.asarray(w), jnp.asarray(clip), jnp.int32(5))) - w) ** 2,
+                          axis=0, dtype=np.float64)
+
+        grid = np.stack([err(g * absmax) for g in WEIGHT_CLIP_GRID])  # (G, C); row 0 is abs-max
+        chosen = err(np.asarray(clips[s.path][0]))
+        worst_excess = max(worst_excess, float(np.max(chosen / grid.min(0) - 1)))
+        worst_ratio = max(worst_ratio, chosen.sum() / grid[0].sum())
+        total, total_absmax = total + chosen.sum(), total_absmax + grid[0].sum()
+    print("excess", worst_excess, "worst ratio", worst_ratio, "total", total / total_absmax)
+
+
+_OPERANDS = {}  # model name -> {"path|role": every value of the operand on the calibration batches}
+
+
+def calibration_operands(tiny):
+    """Every value each site operand takes on the calibration batches (every call of a site), flattened."""
+    if tiny.spec.name not in _OPERANDS:
+        @jax.jit
+        def operands(*inputs):
+            found = {}
+
+            def record(path, role, x):
+                found.setdefault(f"{path}|{role}", []).append(x.reshape(-1))
+                return x
+
+            with nn.intercept_methods(quant.make_interceptor(record)):
+                tiny.apply(tiny.params, *inputs)
+            return {k: jnp.concatenate(v) for k, v in found.items()}
+
+        batches = [jax.device_get(operands(*b)) for b in quant.trajectory_batches(tiny.calib_inputs, 8)]
+        _OPERANDS[tiny.spec.name] = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return _OPERANDS[tiny.spec.name]
+
+
+def activation_ranges(tiny):
+    """(operand, its calibration values, its calibrated (B, 2) ranges) for the 'a' operand of every site and the
+    'w' operand (k, v) of every attention matmul."""
+    values = calibration_operands(tiny)
+    for i, s in enumerate(tiny.sites.sites):
+        for role, table in (("a", tiny.tables.a_range), ("w", tiny.tables.w_range)):
+            if role == "a" or not s.has_weights:
+                yield f"{s.path}|{role}", values[f"{s.path}|{role}"], np.asarray(table[i])
+
+
+def qdq_mse(x, lo, hi, bits) -> float:
+    return float(np.mean((np.asarray(quant.qdq_asymmetric(jnp.asarray(x), lo, hi, jnp.int32(bits))) - x) ** 2))
+
+
+# Least fraction of an operand's calibration values inside its calibrated range, per bit-width; worst operand
+# measured on mnist-tiny / the UNet2DModel port: 0.554 / 0.563 at 2 bits, 0.665 / 0.711 at 4, 0.775 / 0.805 at 6,
+# 0.876 / 0.903 at 8. More than half keeps the median inside; the values left out at 8 bits lie within 5% of the
+# range of a floor many values share (SiLU's minimum, -0.278)
+COVERAGE = {2: 0.5, 4: 0.6, 6: 0.7, 8: 0.8}
+
+
+def test_calibrated_ranges_bracket_their_data(any_tiny):
+    """Each operand's range lies within the values it was calibrated on and holds most of them; the 16-bit row is
+    their min and max over all batches."""
+    bits = np.asarray(any_tiny.tables.table_bits).tolist()
+    assert bits == [2, 4, 6, 8, 16]
+    for name, x, ranges in activation_ranges(any_tiny):
+        mn, mx = float(x.min()), float(x.max())
+        np.testing.assert_allclose(ranges[-1], [mn, mx], rtol=1e-5, atol=1e-7, err_msg=name)
+        slack = 1e-5 * (mx - mn)  # the calibration's forward is another compiled program: last-bit differences
+        for b, (lo, hi) in zip(bits[:-1], ranges[:-1]):
+            lo, hi = min(lo, 0.0), max(hi, 0.0)  # the range QDQ uses always holds 0
+            assert min(mn, 0.0) - slack <= lo and hi <= max(mx, 0.0) + slack, (name, b, (lo, hi), (mn, mx))
+            inside = float(np.mean((x >= lo) & (x <= hi)))
+            assert inside >= COVERAGE[b], (name, b, inside)
+
+
+# median over operands of MSE(calibrated range) / MSE(min..max) on the calibration values; measured on mnist-tiny /
+# the UNet2DModel port: 0.307 / 0.409 at 2 bits, 0.498 / 0.683 at 4
+MEDIAN_MSE_RATIO = {2: 0.5, 4: 0.8}
+
+
+def test_calibrated_ranges_beat_min_max_at_low_bits(any_tiny):
+    """At 2 and 4 bits the MSE-searched range quantizes every operand's calibration values with no more error than
+    the plain min..max range (measured worst: 0.74 of it at 2 bits, 1.0 at 4), and typically with far less."""
+    bits = np.asarray(any_tiny.tables.table_bits).tolist()
+    for b, limit in MEDIAN_MSE_RATIO.items():
+        ratios = []
+        for name, x, ranges in activation_ranges(any_tiny):
+            plain = qdq_mse(x, x.min(), x.max(), b)
+            chosen = qdq_mse(x, *ranges[bits.index(b)], b)
+            assert chosen <= plain * (1 + 1e-3) + 1e-12, (name, b, chosen, plain)
+            if plain > 0:  # 0: a constant operand (softmax over a single key)
+                ratios.append(chosen / plain)
+        assert np.median(ratios) < limit, (b, np.median(ratios))
+
+
+@pytest.mark.xfail(strict=True, reason="known: the range search scores the grid on a 2048-value sample per batch, "
+                   "which misses the tails, so at 8 bits it clips values it never saw (29 of 110 mnist-tiny operands "
+                   "quantize their calibration values worse than min..max, up to 3.2x; 20x on the UNet2DModel port)")
+def test_calibrated_ranges_no_worse_than_min_max_at_8_bits(tiny):
+    bits = np.asarray(tiny.tables.table_bits).tolist()
+    worse = [name for name, x, ranges in activation_ranges(tiny)
+             if qdq_mse(x, *ranges[bits.index(8)], 8) > qdq_mse(x, x.min(), x.max(), 8) * (1 + 1e-3) + 1e-12]
+    assert not worse, f"{len(worse)} operands, e.g. {worse[:3]}"
 
 
 def test_tables_save_load_and_mismatch(tmp_path, tiny):
@@ -308,6 +429,7 @@ def test_bitops_of_two_layer_model_equals_hand_count():
     assert quant.bitops(sites, [4, 8], [6, 5], 10) == hand
     np.testing.assert_array_equal(quant.bitops(sites, [[4, 8], [8, 8]], [[6, 5], [8, 8]], 10),
                                   [hand, (7776 + 1440) * 64 * 10])
+    assert quant.fp_bitops(sites, 100) == (7776 + 1440) * 32 * 32 * 100
 
 
 def test_bitops_are_exact_integers_where_float32_rounds():
@@ -316,26 +438,29 @@ def test_bitops_are_exact_integers_where_float32_rounds():
     got = quant.bitops(sites, [1, 1], [1, 1], 1)
     assert isinstance(got, int) and got == 2**24 + 4
     assert quant.bitops(sites, [8, 8], [8, 8], 1000) == (2**24 + 4) * 64 * 1000
-    assert quant.fp_bitops(sites, 100) == (7776 + 1440) * 32 * 32 * 100
+
+
+MAC_RATIO_MNIST_SMALL = 1.028  # 2 x our MACs / XLA flops of the mnist-small forward, measured 1.0276 (jax 0.9.2 CPU)
 
 
 def test_macs_match_xla_cost_analysis():
-    """2 x our MACs vs XLA's flop count of the whole forward, within 10%.
+    """2 x our MACs vs XLA's flop count of the whole forward: within 0.02 of the measured 1.028.
 
     Two known differences pull in opposite directions: we count every kernel tap of a SAME-padded conv
     (H_out*W_out*C_out*C_in*kh*kw, the standard count), XLA skips taps in the padding (~5% of a 3x3 conv at 28x28,
-    ~18% at 7x7); XLA adds elementwise work (GroupNorm, SiLU, softmax, biases, residuals), a few percent. Measured
-    on mnist-small: 1.028. A missing layer class or a wrong attention count would move it by far more than 10%."""
+    ~18% at 7x7); XLA adds elementwise work (GroupNorm, SiLU, softmax, biases, residuals), a few percent. The
+    attention matmuls are 6.0% of mnist-small's MACs: dropping them (0.966), doubling them (1.089) or losing or
+    repeating one of qk/av (0.997, 1.058) puts the ratio outside the bound, and so would a missing layer class."""
     spec = models.get_spec("mnist-small")
     m = models.build_model(spec)
     apply = lambda p, *a: m.apply({"params": p}, *a)  # noqa: E731
     shapes = models.param_shapes(spec)
     sites = quant.discover_sites(apply, shapes, models.example_inputs(spec))
-    compiled = jax.jit(apply).lower(shapes, *models.example_inputs(spec)).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    ratio = 2 * sites.macs.sum() / cost["flops"]
-    assert 0.9 <= ratio <= 1.1, ratio
+    ratios = mac_ratios(apply, shapes, models.example_inputs(spec), sites)
+    print("MAC ratio by matmul scale", ratios)
+    assert abs(ratios[1.0] - MAC_RATIO_MNIST_SMALL) < 0.02, ratios
+    for scale in MATMUL_SCALES:  # the bound detects a miscount of the attention matmuls
+        assert abs(ratios[scale] - MAC_RATIO_MNIST_SMALL) > 0.02, (scale, ratios)
 
 
 # --- population strategies ----------------------------------------------------------------------------------------
@@ -345,7 +470,7 @@ POP_TIMESTEPS = jnp.asarray([[500, 100], [400, 20], [300, 5], [450, 50]])
 
 
 def _population(tiny):
-    """Two candidates at 16 bits (outputs must match exactly) and two at random low bits (means must match)."""
+    """Two candidates at 16 bits and two at random low bits (2-8); every strategy must give the loop's images."""
     n = len(tiny.sites)
     rng = np.random.default_rng(0)
     w = jnp.asarray(np.concatenate([np.full((2, n), 16), rng.choice([2, 4, 6, 8], (2, n))]), jnp.int32)
@@ -385,9 +510,10 @@ def test_strategies_match_loop(request, model, strategy):
     for x, y in zip(jax.tree.leaves(loop_q), jax.tree.leaves(_quantized_weights(tiny, strategy))):
         np.testing.assert_array_equal(x, y)
     other = _samples(tiny, strategy)
-    # equal outputs at 16 bits; at low bits compare means (rounding flips make max-differences meaningless)
-    np.testing.assert_allclose(other[:2], loop[:2], atol=1e-5)
-    np.testing.assert_allclose(other[2:].mean(axis=(1, 2, 3, 4)), loop[2:].mean(axis=(1, 2, 3, 4)), atol=2e-3)
+    # the same images, pixel by pixel. Measured max |difference| (images of std ~0.9): at 16 bits 3.7e-6 (map) and
+    # 2.1e-6 (vmap); at low bits 0 (map) and 6.0e-7 (vmap): no rounding flips (two different candidates differ by ~1)
+    np.testing.assert_allclose(other[:2], loop[:2], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(other[2:], loop[2:], rtol=0, atol=1.5e-6)
 
 
 def test_sharded_over_four_cpu_devices():
