@@ -132,7 +132,7 @@ def test_mse_weight_clip_beats_abs_max_on_trained_kernels():
                                  models.example_inputs(spec), rules=())
     clips = calibrate_weights(params, sites, [5])
     flat = flatten_dict(params)
-    total, total_absmax, worst_excess, worst_ratio = 0.0, 0.0, 0.0, 0.0
+    total, total_absmax = 0.0, 0.0
     for s in sites.weight_sites:
         w = np.asarray(flat[kernel_key(s.path)], np.float32)
         w = w.reshape(-1, w.shape[-1])
@@ -144,10 +144,10 @@ def test_mse_weight_clip_beats_abs_max_on_trained_kernels():
 
         grid = np.stack([err(g * absmax) for g in WEIGHT_CLIP_GRID])  # (G, C); row 0 is abs-max
         chosen = err(np.asarray(clips[s.path][0]))
-        worst_excess = max(worst_excess, float(np.max(chosen / grid.min(0) - 1)))
-        worst_ratio = max(worst_ratio, chosen.sum() / grid[0].sum())
+        assert np.all(chosen <= grid.min(0) * (1 + 1e-5)), s.path  # measured: within 2.1e-6 of the grid's minimum
+        assert chosen.sum() < 0.96 * grid[0].sum(), (s.path, chosen.sum() / grid[0].sum())  # worst measured 0.949
         total, total_absmax = total + chosen.sum(), total_absmax + grid[0].sum()
-    print("excess", worst_excess, "worst ratio", worst_ratio, "total", total / total_absmax)
+    assert total / total_absmax == pytest.approx(0.880, abs=0.01)
 
 
 _OPERANDS = {}  # model name -> {"path|role": every value of the operand on the calibration batches}
@@ -189,8 +189,8 @@ def qdq_mse(x, lo, hi, bits) -> float:
 
 # Least fraction of an operand's calibration values inside its calibrated range, per bit-width; worst operand
 # measured on mnist-tiny / the UNet2DModel port: 0.554 / 0.563 at 2 bits, 0.665 / 0.711 at 4, 0.775 / 0.805 at 6,
-# 0.876 / 0.903 at 8. More than half keeps the median inside; the values left out at 8 bits lie within 5% of the
-# range of a floor many values share (SiLU's minimum, -0.278)
+# 0.876 / 0.903 at 8. More than half keeps the median inside. The least covered operands at 8 bits are SiLU outputs:
+# many values share its floor (-0.278), and the range leaves them out by at most 5% of it
 COVERAGE = {2: 0.5, 4: 0.6, 6: 0.7, 8: 0.8}
 
 

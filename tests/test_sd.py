@@ -23,7 +23,11 @@ torch = pytest.importorskip("torch")
 P = 3  # prompts
 L = 77  # context length
 ST = "diffusion_pytorch_model.safetensors"
-TOL = 5e-4  # max|a - b| / max|b|
+# max|a - b| / max|b| allowed: about 2.5x the largest error measured (jax 0.9.2, torch 2.13.0, 2-core CPU)
+# UNet, measured 5.9e-5 (linear projection, per-block heads: 5.2e-5). Most of it is diffusers' Flax GEGLU, which uses
+# the tanh-approximate GELU where PyTorch's is exact: the exact GELU took it from 4.3e-5 to 5.1e-6 on similar inputs
+UNET_TOL = 1.5e-4
+VAE_TOL = 3e-6  # decoder, measured 1.1e-6
 
 # stable-diffusion-v1-5's unet/config.json and stabilityai/stable-diffusion-2-1's (keys as published)
 SD15_UNET = {
@@ -208,7 +212,7 @@ def test_unet_parity_with_pytorch(loaded):
     ref = torch_unet_out(d["mods"]["unet"], d["x"], d["t"], np.asarray(d["params"]["prompt_embeds"])[d["idx"]])
     err = rel_err(d["out"], ref)
     print(f"UNet parity rel err {err:.2e}")
-    assert err < TOL
+    assert err < UNET_TOL
     other = {**d["params"], "negative_embeds": d["params"]["negative_embeds"] * 3.0 + 1.0}
     np.testing.assert_array_equal(np.asarray(d["fwd"](other, d["x"], d["t"], d["idx"])), d["out"])
 
@@ -224,7 +228,7 @@ def test_decode_parity_with_pytorch(loaded):
     ref = ref.permute(0, 2, 3, 1).numpy()
     err = rel_err(img, ref)
     print(f"VAE decode parity rel err {err:.2e}")
-    assert img.shape == (2, *d["spec"].image_shape) and err < TOL
+    assert img.shape == (2, *d["spec"].image_shape) and err < VAE_TOL
     assert np.abs(img).max() > 1  # clipping is exercised
     np.testing.assert_allclose(clipped, np.clip(img, -1, 1), atol=1e-5)
 
@@ -312,7 +316,7 @@ def test_linear_projection_and_per_block_heads_parity(tmp_path):
     out = model.apply({"params": {**params, "prompt_embeds": jnp.asarray(emb)}}, x, t, np.zeros(2, np.int32))
     err = rel_err(out, torch_unet_out(mods["unet"], x, t, np.repeat(emb, 2, axis=0)))
     print(f"linear-projection UNet parity rel err {err:.2e}")
-    assert err < TOL
+    assert err < UNET_TOL
     # split_head_dim (an einsum layout of the same attention) gives the same output
     split = models.build_model(dataclasses.replace(spec, attention={"use_memory_efficient_attention": False,
                                                                     "split_head_dim": True}))

@@ -16,6 +16,8 @@ from tmpq_jax.models.pretrained import WeightsError, read_torch_weights, torch_t
 from tmpq_jax.models.unet2d import (check_unet2d_config, config_to_static, example_inputs_unet2d, load_unet2d,
                                     unet2d_rename)
 
+from cost_helpers import MATMUL_SCALES, mac_ratios
+
 ST = "diffusion_pytorch_model.safetensors"
 
 # every supported block type, mid attention, two heads of 8 per attention block
@@ -35,6 +37,10 @@ DDPM_CIFAR10 = {
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
 }
 OLD_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+# max|flax - torch| / max|torch| allowed: about 2.5x the largest error measured (jax 0.9.2, torch 2.13.0, 2-core CPU)
+TOL = 2.5e-6  # SMALL/TINY configs, measured 5.1e-7 to 1.0e-6 (block types 9.5e-7, 6.8e-7; variants 5.1e-7 to
+# 6.5e-7; old attention names 1.0e-6)
+TOL_CIFAR10 = 4e-6  # the full ddpm-cifar10-32 config (slow), measured 1.82e-6 (1.69e-6 in an earlier run)
 
 
 def torch_unet(seed=0, **config):
@@ -103,7 +109,7 @@ def small(tmp_path_factory):
 def test_parity_all_block_types(tmp_path, shift, padding, center):
     cfg = dict(SMALL, resnet_time_scale_shift=shift, downsample_padding=padding, center_input_sample=center)
     model = torch_unet(**cfg)
-    assert parity(model, save(model, tmp_path), *inputs(cfg)) < 5e-4
+    assert parity(model, save(model, tmp_path), *inputs(cfg)) < TOL
 
 
 @pytest.mark.parametrize("variant", [
@@ -124,7 +130,7 @@ def test_parity_variants(tmp_path, variant):
     elif variant.get("class_embed_type") == "identity":
         labels = np.random.default_rng(1).standard_normal((2, 4 * cfg["block_out_channels"][0])).astype(np.float32)
     x, t, _ = inputs(cfg, fourier=variant.get("time_embedding_type") == "fourier")
-    assert parity(model, save(model, tmp_path), x, t, labels) < 5e-4
+    assert parity(model, save(model, tmp_path), x, t, labels) < TOL
 
 
 def with_old_attention_names(state: dict) -> dict:
@@ -145,7 +151,7 @@ def test_old_attention_names_and_scalar_timestep(small, tmp_path):
     save_file(old, str(tmp_path / ST))
     assert unet2d_rename("mid_block.attentions.0.proj_attn.weight") == "mid_block.attentions.0.to_out.0.weight"
     x, t, _ = inputs(SMALL, batch=1)
-    assert parity(model, tmp_path, x, t) < 5e-4
+    assert parity(model, tmp_path, x, t) < TOL
     # a scalar timestep is broadcast over the batch, labels are ignored by an unconditional model
     module, params, cfg = load_unet2d(tmp_path)
     x2 = jnp.asarray(np.concatenate([x, x]).transpose(0, 2, 3, 1))
@@ -319,13 +325,14 @@ def test_sites_cover_every_conv_dense_and_attention_product():
     # 2 heads of 16 at 16x16 (down 1, up 1) and at 8x8 (mid): heads * T * T * dim_head
     assert by_path["down_blocks_1/attentions_0/qk"].macs == 2 * 256 * 256 * 16
     assert by_path["mid_block/attentions_0/av"].macs == 2 * 64 * 64 * 16
-    # 2 x MACs vs XLA's flop count of the whole forward (see tests/test_quant.py for the known differences)
-    compiled = jax.jit(apply).lower(shapes, *ex).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    ratio = 2 * sites.macs.sum() / cost["flops"]
-    print(f"MAC ratio {ratio:.3f}")
-    assert 0.9 <= ratio <= 1.1, ratio
+    # 2 x MACs vs XLA's flop count of the whole forward (see tests/test_quant.py for the known differences):
+    # measured 1.0109 (jax 0.9.2 CPU); the attention matmuls are 16.6% of the MACs here, so any miscount of them
+    # (dropped 0.844, doubled 1.178, one of qk/av lost 0.927) falls outside the bound
+    ratios = mac_ratios(apply, shapes, ex, sites)
+    print("MAC ratio by matmul scale", ratios)
+    assert abs(ratios[1.0] - 1.011) < 0.02, ratios
+    for scale in MATMUL_SCALES:
+        assert abs(ratios[scale] - 1.011) > 0.02, (scale, ratios)
 
 
 def test_quantized_apply_at_16_bits_matches_fp(small):
@@ -368,7 +375,7 @@ def test_parity_ddpm_cifar10_32_config(tmp_path):
     save_file(old, str(tmp_path / ST))
     (tmp_path / "config.json").write_text(json.dumps(DDPM_CIFAR10))
     x, t, _ = inputs(cfg)
-    assert parity(model, tmp_path, x, t) < 5e-4
+    assert parity(model, tmp_path, x, t) < TOL_CIFAR10
     _, params, _ = load_unet2d(tmp_path)
     assert 35e6 < sum(v.size for v in jax.tree.leaves(params)) < 36e6
 

@@ -143,9 +143,8 @@ def auto_strategy(devices=None) -> str:
     Measured with experiments/bench_population.py (P candidates x B images, one forward each):
     - one H200, cifar-ddpm, P=16 x B=64: map 5819 img/s, vmap 5305, loop 5244
       (benchmarks/population_cifar-ddpm_H200.json);
-    - 2-core CPU, mnist-small, P=8 x B=32: map 173-188 img/s, loop 154-171, vmap 96 (grouped convolutions)
-      (benchmarks/population_mnist-small_cpu.json). But map compiles one program per population size, the loop
-      one in all: the default search took 541 s with the loop and 577 s with map on the same CPU.
+    - 2-core CPU, mnist-small, P=8 x B=32: map 196 img/s, loop 171 (benchmarks/population_mnist-small_cpu.json,
+      one run). But map compiles one program per population size and the loop one in all, so one CPU uses the loop.
     """
     devices = devices or jax.devices()
     if len(devices) > 1:
