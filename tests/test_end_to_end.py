@@ -60,7 +60,8 @@ def test_every_reported_bitops_is_recomputed_from_its_bits_and_macs(tiny_run):
         assert entry["bitops"] == cost, name
         assert entry["within_budget"] == (cost <= r["budget_bitops"])
     assert r["reference"]["bitops"] == sum(macs.values()) * 32 * 32 * r["config"]["reference_steps"]
-    w6 = sum(macs.values()) * 36 * steps
+    # the budget: uniform W6A6, with the attention probabilities pinned at 8 bits (probs_8bit)
+    w6 = sum(m * 6 * (8 if p.endswith("/av") else 6) for p, m in macs.items()) * steps
     assert r["budget_bitops"] == w6 == r["baselines"]["uniform_w6a6"]["bitops"]
 
 
