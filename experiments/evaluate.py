@@ -34,6 +34,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tmpq_jax import data, metrics as M  # noqa: E402
 from tmpq_jax.search import fitness  # noqa: E402
+from tmpq_jax.search.cache import cache_key, key_diff  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOISE_PURPOSE = "report"  # the search selects on 'fitness' and 'select' noise only
@@ -141,8 +142,6 @@ def _config(results: dict):
 def _candidate_key(entry: dict, c, name: str, noise_set, model_sha: str) -> dict:
     """What a sample file is made from (`cache.cache_key`): the model's weights digest, every setting that changes
     the samples, the candidate and the noise; a file with another key (or none) is sampled again."""
-    from tmpq_jax.search.cache import cache_key
-
     noise = noise_set.describe()
     if name == "reference":
         return cache_key("teacher", c, model_sha, noise=noise, timesteps=list(entry["timesteps"]))
@@ -185,8 +184,6 @@ class _Sampler:
 def _images(name, entry, c, noise_set, shape, eval_dir: Path, sampler: _Sampler,
             model_sha: str) -> tuple[np.ndarray, Path]:
     """Unit-range images of one candidate: the cached file if its key matches, else freshly sampled and saved."""
-    from tmpq_jax.search.cache import key_diff
-
     path = eval_dir / f"samples_{name}.npz"
     key = _candidate_key(entry, c, name, noise_set, model_sha)
     want = (noise_set.n, *shape)

@@ -223,11 +223,10 @@ class NoiseSchedule:
         Zero terminal SNR (`rescale_betas_zero_snr`, Lin et al. 2024) makes abar_{T-1} = 0: epsilon prediction then
         has no x0 at t = T-1 (NaN samples, as in diffusers' DDIMScheduler); the paper trains such models with
         v-prediction."""
-        abar = self.alphas_cumprod()
-        ts = np.arange(self.num_train_timesteps) if timesteps is None else np.asarray(timesteps).ravel()
-        bad = [int(t) for t in ts if abar[int(t)] <= 0.0]
-        if bad and self.prediction_type == "epsilon":
-            raise ValueError(f"{_where(source)}rescale_betas_zero_snr=true gives abar_t = 0 at t = {bad[0]}, where "
+        ts = np.arange(self.num_train_timesteps) if timesteps is None else np.asarray(timesteps, np.int64).ravel()
+        bad = ts[self.alphas_cumprod()[ts] <= 0.0]
+        if bad.size and self.prediction_type == "epsilon":
+            raise ValueError(f"{_where(source)}rescale_betas_zero_snr=true gives abar_t = 0 at t = {int(bad[0])}, where "
                              f"prediction_type='epsilon' has no x0 (DDIM divides by sqrt(abar_t): NaN samples); "
                              f"valid: prediction_type 'v_prediction' or 'sample' with zero terminal SNR, or "
                              f"rescale_betas_zero_snr=false")

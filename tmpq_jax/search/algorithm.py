@@ -50,6 +50,13 @@ def lexicographic_order(primary: jax.Array, score: jax.Array) -> jax.Array:
     return jnp.lexsort((jnp.arange(primary.shape[0]), score, primary))
 
 
+def lexicographic_ranks(primary: jax.Array, score: jax.Array) -> jax.Array:
+    """Position of each candidate in `lexicographic_order` (0 = best), as float; +inf where a key is not finite."""
+    order = lexicographic_order(primary, score)
+    ranks = jnp.zeros(score.shape, jnp.float32).at[order].set(jnp.arange(score.shape[0], dtype=jnp.float32))
+    return jnp.where(jnp.isfinite(primary) & jnp.isfinite(score), ranks, jnp.inf)
+
+
 def _stack(gs: list[Genome]) -> Genome:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *gs)
 
@@ -226,9 +233,6 @@ class EvosaxSearch:
         level), else their exact lexicographic ranks within this population (0 = best; strategies that compare
         values across generations, such as elitist GAs, then compare ranks)."""
         primary, score = ranking_keys(fitness)
-        order = lexicographic_order(primary, score)
-        ranks = jnp.zeros_like(score).at[order].set(jnp.arange(score.shape[0], dtype=score.dtype))
-        ranks = jnp.where(jnp.isfinite(score), ranks, jnp.inf)
-        scalar = jnp.where(jnp.all(primary == primary[0]), score, ranks)
+        scalar = jnp.where(jnp.all(primary == primary[0]), score, lexicographic_ranks(primary, score))
         inner, _ = self._strategy().tell(key, self.encode(population), scalar, state.inner, state.params)
         return state.replace(inner=inner, generation=state.generation + 1)

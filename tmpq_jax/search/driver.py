@@ -24,9 +24,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tmpq_jax import checkpoint
+from tmpq_jax.search.algorithm import lexicographic_ranks
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.fitness import Evaluator, Metric, NoiseSet, candidate_key, nan_to_inf
 from tmpq_jax.search.space import Genome, SearchSpace
+
 
 class ConfigChangedError(ValueError):
     """--resume under settings that differ from the checkpoint's."""
@@ -134,20 +136,17 @@ def rank_keys(scores: np.ndarray, level: np.ndarray) -> np.ndarray:
 
     Unscored candidates (level -1) get [levels, inf]; a NaN score is +inf (infeasible). Keys compare exactly: no
     offset folds the level into the score."""
-    scores = np.asarray(scores, np.float64)
-    level = np.asarray(level)
-    top = scores.shape[1] - 1
-    reached = level >= 0
-    at = np.where(reached[:, None], scores[np.arange(len(level)), np.maximum(level, 0)][:, None], np.inf)[:, 0]
-    return np.stack([np.where(reached, top - level, top + 1), nan_to_inf(at)], axis=1).astype(np.float32)
+    scores, level = np.asarray(scores, np.float64), np.asarray(level)
+    reached = np.flatnonzero(level >= 0)
+    at = np.full(len(level), np.inf)
+    at[reached] = scores[reached, level[reached]]
+    levels_missing = np.where(level >= 0, scores.shape[1] - 1 - level, scores.shape[1])
+    return np.stack([levels_missing, nan_to_inf(at)], axis=1).astype(np.float32)
 
 
 def generation_ranks(keys: np.ndarray) -> np.ndarray:
     """Position of each candidate in the lexicographic order of `rank_keys` (0 = best), +inf if unscored or NaN."""
-    order = np.lexsort((np.arange(len(keys)), keys[:, 1], keys[:, 0]))
-    ranks = np.empty(len(keys))
-    ranks[order] = np.arange(len(keys))
-    return np.where(np.isfinite(keys).all(axis=1), ranks, np.inf)
+    return np.asarray(lexicographic_ranks(jnp.asarray(keys[:, 0]), jnp.asarray(keys[:, 1])), np.float64)
 
 
 def score_population(evaluator: Evaluator, metric: Metric, space: SearchSpace, pop: Genome, feasible,

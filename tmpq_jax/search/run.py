@@ -122,12 +122,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
                          "reported metric must not compare with the data the fitness saw (e.g. 'mnist-fitness' "
                          "vs 'mnist-heldout')")
     # the algorithm (population arithmetic, evosax names) and the space
-    space = SearchSpace.create(c.num_steps, 1, list(c.bit_choices), c.spacing, list(c.group_starts) or None,
-                               seed_bits=c.seed_bits, num_train_timesteps=T,
-                               first_timestep=spec.schedule.first_timestep())
-    make_algorithm(c, space)
+    make_algorithm(c, make_space(c, spec, 1))
     spec.schedule.default_timesteps(c.reference_steps)  # steps_offset may push the teacher's grid past T
     spec.schedule.default_timesteps(c.calib_steps)
+
+
+def make_space(c, spec: models.ModelSpec, num_sites: int) -> SearchSpace:
+    """The joint space of a config: groups on the model's schedule (from its `first_timestep`), bit choices, seed."""
+    return SearchSpace.create(c.num_steps, num_sites, list(c.bit_choices), c.spacing, list(c.group_starts) or None,
+                              seed_bits=c.seed_bits, num_train_timesteps=spec.schedule.num_train_timesteps,
+                              first_timestep=spec.schedule.first_timestep())
 
 
 def uniform_bits(name: str) -> int:
@@ -235,9 +239,7 @@ def build_problem(c, workdir: Path | None = None) -> Problem:
     if spec.unet_passes_per_step > 1:  # classifier-free guidance: every site runs once per pass
         sites = quant.SiteTable(tuple(dataclasses.replace(s, macs=s.macs * spec.unet_passes_per_step)
                                       for s in sites.sites))
-    space = SearchSpace.create(c.num_steps, len(sites), list(c.bit_choices), c.spacing, list(c.group_starts) or None,
-                               seed_bits=c.seed_bits, num_train_timesteps=spec.schedule.num_train_timesteps,
-                               first_timestep=spec.schedule.first_timestep())
+    space = make_space(c, spec, len(sites))
     budget = Budget.create(sites, space, int(c.budget_bitops) or None, c.budget_bits)
     print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
           f"{int(sites.macs.sum()):,} MACs/step ({spec.unet_passes_per_step} UNet pass(es) per step); budget "
@@ -340,7 +342,7 @@ def reference_timesteps(c, schedule: diffusion.NoiseSchedule) -> np.ndarray:
 
 
 def teacher_key(c, problem: Problem, noise_set: NoiseSet) -> dict:
-    return cache_key("teacher", c, problem.checkpoint_sha, noise=dataclasses.astuple(noise_set),
+    return cache_key("teacher", c, problem.checkpoint_sha, noise=noise_set.describe(),
                      timesteps=reference_timesteps(c, problem.spec.schedule).tolist())
 
 
