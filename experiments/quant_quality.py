@@ -1,67 +1,184 @@
-"""Quality of uniform WxAx fake quantization on a checkpoint, against FP, at the same steps and noise.
+"""The calibration benchmark: uniform WxAy candidates under each calibration stage, against FP32 at the same steps.
 
-python experiments/quant_quality.py --num_samples 300 --steps 100 --bits 8,5 --out benchmarks/quant_quality_mnist-small.json
+Stages (each adds one technique to the one before; README "Calibration"):
+  mse      one activation range per site for every t, from 20 uniform FP steps; MSE clipping (the old default)
+  groups   + ranges per timestep group, from trajectories of the DDIM-quad seed and random one-per-group schedules
+  split    + separate ranges for the up-path and skip channels of up blocks' shortcut inputs
+  learned  + learned rounding and activation step sizes per block and bit-width (AdaRound / BRECQ)
+
+Every row is sampled on held-out report noise (`--noise_seed`, purpose 'report', which no search uses) and scored
+against the report reference (the 500 held-out digits): Inception FID and classifier FD with 95% bootstrap
+intervals, and teacher MSE to FP32 at the same steps and noise. Rows are saved as they finish and reused.
+
+python experiments/quant_quality.py --num_samples 500 --noise_seed 7 --schedules quad10,uniform100 \
+    --out benchmarks/calibration_mnist-small_cpu.json
 """
 
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tmpq_jax import diffusion, quant  # noqa: E402
+from experiments import evaluate as ev_mod  # noqa: E402
+from tmpq_jax import data, diffusion, metrics as M, quant  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
-from tmpq_jax.search.fitness import NoiseSet, make_metric  # noqa: E402
+from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
+
+STAGES = {
+    "mse": dict(calib_trajectories="uniform", calib_ranges="shared", split_skip=False, reconstruct=False),
+    "groups": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False),
+    "split": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=False),
+    "learned": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=True),
+}
+METRICS = ("inception_fid", "classifier_fd", "teacher_mse")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "experiments/configs/default.py", "Search config (model, checkpoint, calibration).")
-flags.DEFINE_integer("num_samples", 300, "Samples per setting (same noise for all).")
-flags.DEFINE_integer("steps", 100, "DDIM steps (uniform).")
-flags.DEFINE_list("bits", ["8", "5"], "Uniform bit-widths to test (weights and activations).")
-flags.DEFINE_string("workdir", "runs/quant_quality", "Where calibration tables are cached.")
-flags.DEFINE_string("out", "benchmarks/quant_quality_mnist-small.json", "Output JSON.")
+flags.DEFINE_list("stages", list(STAGES), f"Calibration stages, from {list(STAGES)}.")
+flags.DEFINE_list("schedules", ["quad10", "uniform100"], "quadN: DDIM-quad (the space's seed) at N = num_steps; "
+                  "uniformN: N uniform steps.")
+flags.DEFINE_list("bits", ["8/8", "7/7", "6/6", "5/6", "6/5", "5/5", "7/5"], "Uniform w/a bit-widths.")
+flags.DEFINE_list("bits_100", [], "Bit-widths at schedules of more than 20 steps (default: --bits).")
+flags.DEFINE_integer("num_samples", 500, "Samples per row (held-out report noise).")
+flags.DEFINE_integer("noise_seed", 7, "Seed of the report noise (the search reports on config.report_noise_seed).")
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% intervals.")
+flags.DEFINE_string("workdir", "runs/calibration", "Tables (one folder per stage) and sampled rows.")
+flags.DEFINE_string("out", "benchmarks/calibration_mnist-small_cpu.json", "Output JSON.")
+
+
+def load_config(path: str, stage: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg)
+    c = cfg.get_config()
+    for k, v in STAGES[stage].items():
+        c[k] = v
+    return c
+
+
+def schedule(name: str, problem) -> np.ndarray:
+    if name.startswith("quad"):
+        n = int(name[4:])
+        if n != problem.space.num_steps:
+            raise ValueError(f"--schedules {name}: the space has num_steps={problem.space.num_steps}")
+        return np.asarray(problem.space.timesteps(problem.space.seed()))
+    if name.startswith("uniform"):
+        return diffusion.uniform_timesteps(int(name[7:]), problem.spec.schedule.num_train_timesteps)
+    raise ValueError(f"unknown schedule {name!r}; valid: quadN, uniformN")
+
+
+def parse_bits(s: str) -> tuple[int, int]:
+    w, a = (int(x) for x in s.split("/"))
+    return w, a
+
+
+class Scorer:
+    def __init__(self, c, n, bootstrap, seed):
+        self.fx = ev_mod._Features(c, c.report_reference)
+        self.idx = M.bootstrap_indices(n, bootstrap, seed=seed)
+
+    def __call__(self, unit: np.ndarray, teacher_unit: np.ndarray | None) -> dict:
+        out = {}
+        for m in ("inception_fid", "classifier_fd"):
+            space = "inception" if m == "inception_fid" else "classifier"
+            f = self.fx.extract(space, unit)
+            fr = self.fx.frechet(space)
+            v, boots = fr.distance(f), fr.bootstrap(f, self.idx)
+            out[m] = {"value": ev_mod._num(v), **ev_mod._interval(v, boots)}
+        if teacher_unit is not None:
+            d = np.mean(((unit - teacher_unit) * 2.0) ** 2, axis=(1, 2, 3))  # per sample, [-1, 1] pixels
+            out["teacher_mse"] = {"value": float(d.mean()), **ev_mod._interval(d.mean(), d[self.idx].mean(1))}
+        return out
 
 
 def main(argv):
     del argv
-    import importlib.util
-
-    spec_ = importlib.util.spec_from_file_location("cfg", FLAGS.config)
-    cfg = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(cfg)
-    c = cfg.get_config()
-    c.bit_choices = tuple(sorted({*c.bit_choices, *(int(b) for b in FLAGS.bits)}, reverse=True))
-    problem = run_mod.build_problem(c)
-    workdir = Path(FLAGS.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tables = run_mod.calibrate(c, problem, workdir)
-    ev = run_mod.make_evaluator(c, problem, tables)
-    metric = make_metric(c.report_metrics[0], c, c.report_reference)
-    noise_set = NoiseSet(c.report_noise_seed, "report", FLAGS.num_samples)
-    ts = diffusion.uniform_timesteps(FLAGS.steps)
-    rows = {}
-    t0 = time.time()
-    rows["fp32"] = {"metric": metric(ev.sample_fp(ts, noise_set)), "seconds": time.time() - t0}
-    print("fp32", rows["fp32"], flush=True)
-    for b in FLAGS.bits:
+    out_path = Path(FLAGS.out)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    rows = result.get("rows", {})
+    noise_set = NoiseSet(FLAGS.noise_seed, "report", FLAGS.num_samples)
+    work = Path(FLAGS.workdir)
+    scorer = None
+    fp_images: dict[str, np.ndarray] = {}
+    for stage in FLAGS.stages:
+        c = load_config(FLAGS.config, stage)
+        c.bit_choices = tuple(sorted({*c.bit_choices, *(b for s in FLAGS.bits for b in parse_bits(s))}, reverse=True))
+        run_mod.validate_config(c)
+        problem = run_mod.build_problem(c)
+        (work / stage).mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        b = int(b)
-        bits = jnp.full((1, len(problem.sites)), b, jnp.int32)
-        images = ev.sample(jnp.asarray(ts)[None], bits, bits, noise_set)[0]
-        rows[f"w{b}a{b}"] = {"metric": metric(images), "seconds": time.time() - t0,
-                             "bitops": quant.bitops(problem.sites, bits[0], bits[0], FLAGS.steps)}
-        print(f"w{b}a{b}", rows[f"w{b}a{b}"], flush=True)
-    out = {"model": problem.spec.name, "metric": metric.name, "reference": c.report_reference,
-           "ddim_steps": FLAGS.steps, **noise_set.describe(),
-           "note": "attention probabilities stay at 8 bits (default rule)",
-           "command": "python experiments/quant_quality.py " + " ".join(sys.argv[1:]), "rows": rows}
-    Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(FLAGS.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+        tables = run_mod.calibrate(c, problem, work / stage)
+        meta = json.loads((work / stage / "quant_tables.json").read_text())
+        result.setdefault("calibration_seconds", {})[stage] = meta.get("seconds", time.time() - t0)
+        evaluator = run_mod.make_evaluator(c, problem, tables)
+        scorer = scorer or Scorer(c, FLAGS.num_samples, FLAGS.bootstrap, FLAGS.noise_seed)
+        for sched_name in FLAGS.schedules:
+            ts = schedule(sched_name, problem)
+            if sched_name not in fp_images:
+                fp_images[sched_name] = images_for(work / f"fp32_{sched_name}.npz",
+                                                   lambda: evaluator.sample_fp(ts, noise_set),
+                                                   {"model": problem.checkpoint_sha, "noise": noise_set.describe(),
+                                                    "timesteps": ts.tolist()})
+                key = f"{sched_name}/fp32"
+                if key not in rows:
+                    rows[key] = {"schedule": sched_name, "timesteps": ts.tolist(), "bits": "fp32",
+                                 **scorer(fp_images[sched_name], fp_images[sched_name])}
+                    save(out_path, result, rows)
+            bit_list = FLAGS.bits_100 if (len(ts) > 20 and FLAGS.bits_100) else FLAGS.bits
+            for bits in bit_list:
+                key = f"{sched_name}/{stage}/w{bits.replace('/', 'a')}"
+                if key in rows:
+                    continue
+                w, a = parse_bits(bits)
+                wv, av = np.full((1, len(problem.sites)), w, np.int32), np.full((1, len(problem.sites)), a, np.int32)
+                t1 = time.time()
+                unit = images_for(work / stage / f"{sched_name}_w{w}a{a}.npz",
+                                  lambda: evaluator.sample(ts[None], wv, av, noise_set)[0],
+                                  {"tables": meta["sha256"], "noise": noise_set.describe(), "timesteps": ts.tolist(),
+                                   "bits": [w, a], "sample_batch": c.sample_batch})
+                rows[key] = {"schedule": sched_name, "stage": stage, "bits": f"W{w}A{a}",
+                             "bitops": quant.bitops(problem.sites, wv[0], av[0], len(ts)),
+                             "sample_seconds": time.time() - t1, **scorer(unit, fp_images[sched_name])}
+                print(key, {m: rows[key][m]["value"] for m in METRICS}, flush=True)
+                save(out_path, result, rows)
+    save(out_path, result, rows)
+
+
+def images_for(path: Path, sample, key: dict) -> np.ndarray:
+    """Unit-range images, sampled once and kept in `path` with their key (tables digest, noise, schedule, bits)."""
+    key = json.dumps(key, sort_keys=True)
+    if path.is_file():
+        with np.load(path) as z:
+            if str(z["key"]) == key:
+                return np.asarray(z["images"])
+    unit = data.to_unit_range(sample())
+    np.savez(path, images=unit, key=np.asarray(key))
+    return unit
+
+
+def save(out_path: Path, result: dict, rows: dict) -> None:
+    result.update({
+        "model": "mnist-small (config: " + FLAGS.config + ")",
+        **{"noise": NoiseSet(FLAGS.noise_seed, "report", FLAGS.num_samples).describe()},
+        "reference": "mnist-heldout (500 held-out digits)",
+        "teacher_mse": "per-sample pixel MSE ([-1, 1]) to FP32 at the same schedule and noise",
+        "interval": "95% bootstrap percentile interval over noise rows, bias-shifted",
+        "stages": {k: STAGES[k] for k in STAGES},
+        "note": "attention probabilities stay at 8 bits (default rule); W and A bits uniform over all other sites",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "command": "python experiments/quant_quality.py " + " ".join(sys.argv[1:]),
+        "rows": rows,
+    })
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,10 @@ CHANGED = {"model": "cifar-ddpm", "guidance_scale": 7.5, "negative_prompt": "blu
            "memory_efficient_attention": True, "split_head_dim": True, "matmul_precision": "high",
            "calib_steps": 5, "calib_samples": 9, "calib_batch": 64, "seed": 3, "bit_choices": (8, 6),
            "rules": [dict(pattern="conv_in$", w_bits=8, a_bits=8)], "probs_8bit": False, "reference_steps": 7,
-           "sample_batch": 17, "strategy": "vmap", "chunk_size": 4}
+           "sample_batch": 17, "strategy": "vmap", "chunk_size": 4, "calib_trajectories": "uniform",
+           "calib_schedules": 2, "calib_ranges": "shared", "num_steps": 4, "spacing": "uniform", "group_starts": (0, 5),
+           "split_skip": False, "reconstruct": False, "recon_samples": 8, "recon_iters": 3, "recon_batch": 2,
+           "recon_lr_round": 0.5, "recon_lr_act": 0.5, "recon_reg": 0.5, "recon_warmup": 0.5}
 
 
 @pytest.mark.parametrize("kind,setting", [(k, s) for k, names in CACHE_SETTINGS.items() for s in names])
@@ -60,6 +63,7 @@ def test_keys_hold_the_model_digest_and_the_content():
 def tiny_problem():
     c = tiny.get_config()
     c.checkpoint = str(ROOT / c.checkpoint)
+    c.reconstruct = False  # keys, not reconstruction, are tested here (test_calibration, the end-to-end search)
     return c, run_mod.build_problem(c)
 
 
@@ -127,19 +131,26 @@ def test_a_non_finite_fresh_teacher_is_an_error_before_any_search(tmp_path):
 # --- loaded tables --------------------------------------------------------------------------------------------------
 
 
-SITES = quant.SiteTable((quant.Site("conv", "conv", 100, 4), quant.Site("attn/qk", "matmul", 50, 0)))
+SITES = quant.SiteTable((quant.Site("conv", "conv", 100, 4, kernel_shape=(1, 1, 2, 4)),
+                         quant.Site("attn/qk", "matmul", 50, 0)))
 
 
 def _tables(**change):
-    t = dict(table_bits=jnp.asarray([6, 8]), w_clip={"conv": jnp.ones((2, 4))}, a_range=jnp.ones((2, 2, 2)),
-             w_range=jnp.ones((2, 2, 2)))
+    t = dict(table_bits=jnp.asarray([6, 8]), w_clip={"conv": jnp.ones((2, 4))}, a_range=jnp.ones((2, 3, 2, 2)),
+             w_range=jnp.ones((2, 3, 2, 2)), skip_range=jnp.zeros((2, 3, 2, 2)),
+             group_starts=jnp.asarray([0, 10, 100]), w_round={})
     t.update(change)
     return quant.QuantTables(**t)
 
 
 @pytest.mark.parametrize("change,msg", [
-    (dict(a_range=jnp.ones((2, 1, 2))), r"a_range has shape \(2, 1, 2\), expected \(2, 2, 2\)"),
-    (dict(w_range=jnp.ones((3, 2, 2))), r"w_range has shape \(3, 2, 2\), expected \(2, 2, 2\)"),
+    (dict(a_range=jnp.ones((2, 3, 1, 2))), r"a_range has shape \(2, 3, 1, 2\), expected \(2, 3, 2, 2\)"),
+    (dict(w_range=jnp.ones((3, 3, 2, 2))), r"w_range has shape \(3, 3, 2, 2\), expected \(2, 3, 2, 2\)"),
+    (dict(skip_range=jnp.ones((2, 1, 2, 2))), r"skip_range has shape \(2, 1, 2, 2\), expected \(2, 3, 2, 2\)"),
+    (dict(group_starts=jnp.asarray([0, 100, 10])), r"group_starts is \[0, 100, 10\], expected \(G,\) ascending"),
+    (dict(w_round={"conv": jnp.zeros((2, 4), jnp.uint8)}),
+     r"w_round of site 'conv' is uint8 \(2, 4\), expected uint8 \(2, 1\)"),
+    (dict(w_round={"conv": jnp.zeros((2, 1), jnp.int32)}), r"w_round of site 'conv' is int32"),
     (dict(w_clip={"conv": jnp.ones((2, 3))}), r"w_clip of site 'conv' has shape \(2, 3\), expected \(2, 4\)"),
     (dict(w_clip={}), r"w_clip entries do not match the weight sites \(missing \['conv'\]"),
     (dict(table_bits=jnp.asarray([[6, 8]])), r"table_bits has shape \(1, 2\)"),
@@ -173,6 +184,6 @@ def test_a_module_called_twice_is_calibrated_on_both_calls():
     sites = quant.discover_sites(apply_fn, params, (x[:1],), rules=())
     assert sites.paths == ("shared",) and int(sites.macs[0]) == 2 * 4 * 3
     tables = quant.calibrate(apply_fn, params, sites, [(x,)], [8])
-    lo, hi = np.asarray(tables.a_range[0, 0])
+    lo, hi = np.asarray(tables.a_range[0, 0, 0])
     # the second call's inputs span [-5, 15]: the range must reach them, not stop at the first call's [-1, 1]
     assert lo <= -1.0 and hi >= 10.0, (lo, hi)

@@ -180,7 +180,7 @@ def activation_ranges(tiny):
     for i, s in enumerate(tiny.sites.sites):
         for role, table in (("a", tiny.tables.a_range), ("w", tiny.tables.w_range)):
             if role == "a" or not s.has_weights:
-                yield f"{s.path}|{role}", values[f"{s.path}|{role}"], np.asarray(table[i])
+                yield f"{s.path}|{role}", values[f"{s.path}|{role}"], np.asarray(table[i, 0])  # one group
 
 
 def qdq_mse(x, lo, hi, bits) -> float:
@@ -329,7 +329,7 @@ def test_traced_uncalibrated_bits_give_nan_not_row_0(tiny):
 def test_16_bits_pass_through_without_a_16_row(tiny):
     tb = tiny.tables
     no16 = tb.replace(table_bits=tb.table_bits[:4], w_clip={k: v[:4] for k, v in tb.w_clip.items()},
-                      a_range=tb.a_range[:, :4], w_range=tb.w_range[:, :4])
+                      a_range=tb.a_range[:, :, :4], w_range=tb.w_range[:, :, :4], skip_range=tb.skip_range[:, :, :4])
     w, a = uniform(tiny, 16, 16)
     quant.check_candidate_bits(tiny.sites, no16, w, a)
     # concrete: the model output is exactly full precision
@@ -344,8 +344,8 @@ def test_16_bits_pass_through_without_a_16_row(tiny):
     def traced(w_bits, a_bits, tables):
         cand = quant.gather_candidate(tables, tiny.sites, w_bits, a_bits)
         ops = jax.vmap(lambda r, b: quant.qdq_asymmetric(x, r[0], r[1], b))
-        return (quant.quantize_params(tiny.params, tiny.sites, cand), ops(cand.a_range, cand.a_bits),
-                ops(cand.w_range, cand.w_bits))
+        return (quant.quantize_params(tiny.params, tiny.sites, cand), ops(cand.a_range[:, 0], cand.a_bits),
+                ops(cand.w_range[:, 0], cand.w_bits))
 
     qparams, a_ops, w_ops = traced(w, a, no16)
     for p, q in zip(jax.tree.leaves(tiny.params), jax.tree.leaves(qparams)):
@@ -370,7 +370,7 @@ def test_load_tables_rejects_non_finite(tmp_path, tiny):
                              r"holds nan.*recalibrate"):
         quant.load_tables(tmp_path / "w.msgpack", tiny.sites)
     j = len(tiny.sites) - 1
-    bad = tb.replace(a_range=tb.a_range.at[j, 2, 1].set(jnp.inf))
+    bad = tb.replace(a_range=tb.a_range.at[j, 0, 2, 1].set(jnp.inf))
     quant.save_tables(tmp_path / "a.msgpack", bad, tiny.sites)
     with pytest.raises(checkpoint.CheckpointError,
                        match=rf"a_range of site '{tiny.sites.sites[j].path}' .* at 6 bits holds inf"):
@@ -395,8 +395,8 @@ def test_calibrate_rejects_nan_params(tiny):
     sites = quant.discover_sites(apply, params, (x,), rules=())
     quant.calibrate(apply, params, sites, [(x,)], [8, 4])  # finite params: fine
     params["conv"]["bias"] = params["conv"]["bias"].at[0].set(jnp.nan)
-    with pytest.raises(ValueError, match=r"non-finite quantizer parameter: a_range of site 'fc' \(2 of 2\) at 4 bits "
-                                         r"holds nan"):
+    with pytest.raises(ValueError, match=r"non-finite quantizer parameter: a_range of site 'fc' \(2 of 2\), "
+                                         r"timestep group 0, at 4 bits holds nan"):
         quant.calibrate(apply, params, sites, [(x,)], [8, 4])
 
 

@@ -61,10 +61,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.fid_batch = 64  # 128 final samples = two Inception batches
     c.reference_steps = 100  # the FP reference sampler (and the teacher of paired metrics)
     c.baselines = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits")
-    # calibration
+    # calibration (README "Calibration"; each technique is an option, the defaults are what
+    # benchmarks/calibration_mnist-small_cpu.json chose)
+    c.calib_trajectories = "candidates"  # FP trajectories of the DDIM-quad seed and random one-per-group schedules
+    c.calib_schedules = 4  # ... the seed plus 3 random schedules ('uniform': calib_steps uniform steps instead)
     c.calib_steps = 20
-    c.calib_samples = 32
+    c.calib_samples = 32  # per schedule
     c.calib_batch = 128
+    c.calib_ranges = "per_group"  # an activation range per timestep group of the space ('shared': one for all t)
+    c.split_skip = True  # separate ranges for the up-path and skip channels of up blocks' 1x1 shortcut inputs
+    c.reconstruct = True  # learned rounding (AdaRound) and step sizes per block and bit-width (BRECQ-style)
+    c.recon_samples = 512  # calibration inputs recorded per block (the same number from every group)
+    c.recon_iters = 80
+    c.recon_batch = 16
+    c.recon_lr_round = 1e-2  # BRECQ: 1e-3 and 4e-4 over 20k iterations; 10x for 80 on a 2-core CPU
+    c.recon_lr_act = 4e-3
+    c.recon_reg = 0.01
+    c.recon_warmup = 0.2
     # execution
     c.strategy = "auto"
     c.chunk_size = 1

@@ -212,6 +212,8 @@ class TimestepEmbedding(nn.Module):
 class ResnetBlock2D(nn.Module):
     """diffusers `ResnetBlock2D`: GN-act-conv, + time embedding (added, or scale/shift after GN), GN-act-conv."""
 
+    reconstruction_block = True  # one unit of quant.reconstruct
+
     out_channels: int
     groups: int
     eps: float
@@ -251,6 +253,8 @@ class SelfAttention2D(nn.Module):
     products as quantization sites `<path>/qk` and `<path>/av` (see `tmpq_jax.quant.sites`).
     """
 
+    reconstruction_block = True  # one unit of quant.reconstruct
+
     channels: int
     heads: int
     dim_head: int
@@ -286,8 +290,8 @@ class SelfAttention2D(nn.Module):
         q, k, v = heads(self.to_q(h)), heads(self.to_k(h)), heads(self.to_v(h))
         if record is not None:  # per image: heads * Tq * Tk * dim_head MACs for each product
             macs = self.heads * n * n * d
-            record(f"{path}/qk", "matmul", macs, 0)
-            record(f"{path}/av", "matmul", macs, 0)
+            record(f"{path}/qk", "matmul", macs, 0, ())
+            record(f"{path}/av", "matmul", macs, 0, ())
         # 2. scores and fp32 softmax
         q, k = operand_fn(f"{path}/qk", "a", q), operand_fn(f"{path}/qk", "w", k)
         scores = jnp.einsum("bid,bjd->bij", q, k) * (d ** -0.5)
@@ -373,6 +377,7 @@ class UpBlock(_Common):
     """`UpBlock2D` / `AttnUpBlock2D`: (concat skip, resnet [+ attention]) x num_layers, then an optional upsampler."""
 
     add_upsample: bool = True
+    concatenates_skips = True  # resnet i takes concat([x, skip]): quant.sites splits its shortcut's input ranges
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array) -> jax.Array:

@@ -1,11 +1,18 @@
 """Shared per-bit calibration ("quantization parameter sharing", TMPQ-DM Sec. 3.3).
 
-Quantizer parameters are calibrated once per site and per candidate bit-width, on UNet inputs collected from
-full-precision DDIM trajectories (several timesteps x several samples, as in Q-Diffusion). A candidate then only
-gathers rows of these tables:
+Quantizer parameters are calibrated once per site, per candidate bit-width and per timestep group, on UNet inputs
+collected from full-precision DDIM trajectories (several timesteps x several samples, as in Q-Diffusion). A
+candidate then only gathers rows of these tables:
 - `w_clip[path]` (B, C_out): per-channel clipping of each kernel, the MSE-optimal fraction of abs-max;
-- `a_range` (L, B, 2): [lo, hi] of each site's "a" operand, an MSE search over shrunken min/max;
-- `w_range` (L, B, 2): the same for the "w" operand of attention matmuls (k and v).
+- `w_round[path]` (B, ceil(K / 8)) uint8: learned rounding (AdaRound, `reconstruct`), one bit per kernel entry,
+  packed: 1 rounds the entry up, 0 down. Empty: round to nearest;
+- `a_range` (L, G, B, 2): [lo, hi] of each site's "a" operand for each timestep group, an MSE search over shrunken
+  min/max (per-step ranges as in TFMQ-DM; G = 1: one range for every t);
+- `skip_range` (L, G, B, 2): the same for the skip part of a split input (`Site.split_at`: the concatenated
+  skip connection of an up block's 1x1 shortcut, Q-Diffusion Sec. 4.3); zeros on other sites;
+- `w_range` (L, G, B, 2): the same for the "w" operand of attention matmuls (k and v); zeros for conv/dense sites.
+Group g holds the timesteps [group_starts[g], group_starts[g + 1]); a forward at timestep t reads `group_of(t)`.
+A candidate with one step per group of the search space therefore reads group i at its step in group i.
 """
 
 from __future__ import annotations
@@ -29,15 +36,48 @@ from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
 WEIGHT_CLIP_GRID = np.linspace(1.0, 0.5, 21)  # descending: ties keep the widest range
 ACT_CLIP_GRID = np.linspace(1.0, 0.2, 33)
 SAMPLES_PER_BATCH = 2048  # values kept per operand and calibration batch
-SAMPLES_PER_SITE = 16384  # values kept per operand in the end (bounds memory: L x 2 x 16384 floats)
+SAMPLES_PER_SITE = 16384  # values kept per operand and group in the end (memory: L x G x 3 x 16384 floats)
+RANGE_TABLES = ("a_range", "skip_range", "w_range")
+
+
+def group_of(group_starts: jax.Array, t: jax.Array) -> jax.Array:
+    """The timestep group of each t (int32, shape of t): the last g with group_starts[g] <= t (group 0 below the
+    first start)."""
+    g = jnp.searchsorted(jnp.asarray(group_starts), jnp.asarray(t, jnp.int32), side="right") - 1
+    return jnp.maximum(g, 0).astype(jnp.int32)
 
 
 @flax.struct.dataclass
 class QuantTables:
     table_bits: jax.Array  # (B,) int32, ascending: every bit-width a candidate may use
     w_clip: dict  # site path -> (B, C_out)
-    a_range: jax.Array  # (L, B, 2)
-    w_range: jax.Array  # (L, B, 2); zeros for conv/dense sites
+    a_range: jax.Array  # (L, G, B, 2)
+    w_range: jax.Array  # (L, G, B, 2); zeros for conv/dense sites
+    skip_range: jax.Array  # (L, G, B, 2); zeros for sites whose input is not split
+    group_starts: jax.Array  # (G,) int32 ascending; (1,) [0]: one range for every timestep
+    w_round: dict  # site path -> (B, ceil(K / 8)) uint8 packed rounding bits; {} = round to nearest
+
+    @classmethod
+    def create(cls, table_bits, w_clip, a_range, w_range=None, skip_range=None, group_starts=(0,), w_round=None):
+        """Tables from arrays; `a_range` etc. as (L, G, B, 2), or (L, B, 2) for one group."""
+        def four(x):
+            x = jnp.asarray(x, jnp.float32)
+            return x[:, None] if x.ndim == 3 else x
+
+        a_range = four(a_range)
+        zeros = jnp.zeros_like(a_range)
+        return cls(jnp.asarray(table_bits, jnp.int32), dict(w_clip), a_range,
+                   zeros if w_range is None else four(w_range), zeros if skip_range is None else four(skip_range),
+                   jnp.asarray(group_starts, jnp.int32), dict(w_round or {}))
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_starts.shape[0])
+
+    def group_of(self, t: jax.Array) -> jax.Array:
+        """The timestep group of each t (int32, shape of t): the last g with group_starts[g] <= t (group 0 below
+        the first start)."""
+        return group_of(self.group_starts, t)
 
     def bit_row(self, bits: jax.Array) -> jax.Array:
         """Row index of each bit-width in `table_bits` (int32, shape of `bits`); jittable and vmappable.
@@ -64,14 +104,17 @@ class QuantTables:
         return jnp.take(table, rows, axis=axis, mode="fill", fill_value=jnp.nan)
 
 
-def first_nonfinite(sites: SiteTable, table_bits, w_clip: dict, a_range=None, w_range=None) -> str | None:
-    """The first non-finite table entry, or None: "<table> of site '<path>' (i of L) at <b> bits holds nan".
+def first_nonfinite(sites: SiteTable, table_bits, w_clip: dict, a_range=None, w_range=None,
+                    skip_range=None) -> str | None:
+    """The first non-finite table entry, or None: "<table> of site '<path>' (i of L)[, timestep group g] at <b>
+    bits holds nan".
 
-    Sites are scanned in order, and per site w_clip, a_range, w_range. Rows are named by their bit-width.
+    Sites are scanned in order, and per site w_clip, a_range, skip_range, w_range. Rows are named by their
+    bit-width. Range tables are (L, G, B, 2), or (L, B, 2).
     """
     tb = np.asarray(table_bits).reshape(-1).tolist()
-    stacked = {name: np.asarray(arr) for name, arr in (("a_range", a_range), ("w_range", w_range))
-               if arr is not None}
+    stacked = {name: np.asarray(arr) for name, arr in (("a_range", a_range), ("skip_range", skip_range),
+                                                      ("w_range", w_range)) if arr is not None}
     if all(np.all(np.isfinite(np.asarray(v))) for v in [*w_clip.values(), *stacked.values()]):
         return None
 
@@ -81,9 +124,11 @@ def first_nonfinite(sites: SiteTable, table_bits, w_clip: dict, a_range=None, w_
         if not bad.any():
             return None
         first = tuple(int(k) for k in np.argwhere(bad)[0]) if arr.ndim else ()
-        row = first[0] if first else 0
+        grouped = name != "w_clip" and arr.ndim == 3  # (G, B, 2) of one site
+        row = (first[1] if grouped else first[0]) if first else 0
         at = f"{tb[row]} bits" if row < len(tb) else f"row {row}"
-        return f"{name} of {where} at {at} holds {arr[first]}"
+        group = f", timestep group {first[0]}," if grouped else ""
+        return f"{name} of {where}{group} at {at} holds {arr[first]}"
 
     site_of = {s.path: i for i, s in enumerate(sites.sites)}
     for i, s in enumerate(sites.sites):
@@ -104,8 +149,8 @@ def first_nonfinite(sites: SiteTable, table_bits, w_clip: dict, a_range=None, w_
     return "a non-finite entry"  # unreachable unless the shapes are malformed
 
 
-def _check_finite_calibration(sites: SiteTable, table_bits, w_clip, a_range=None, w_range=None) -> None:
-    bad = first_nonfinite(sites, table_bits, w_clip, a_range, w_range)
+def check_finite_tables(sites: SiteTable, table_bits, w_clip, a_range=None, w_range=None, skip_range=None) -> None:
+    bad = first_nonfinite(sites, table_bits, w_clip, a_range, w_range, skip_range)
     if bad:
         raise ValueError(f"calibration produced a non-finite quantizer parameter: {bad}. The params or the model's "
                          f"outputs on the calibration inputs contain NaN/inf: check the params (e.g. a diverged "
@@ -115,6 +160,19 @@ def _check_finite_calibration(sites: SiteTable, table_bits, w_clip, a_range=None
 def table_bits_for(sites: SiteTable, bit_choices) -> np.ndarray:
     fixed = [b for s in sites.sites for b in (s.fixed_w_bits, s.fixed_a_bits) if b]
     return np.unique(np.concatenate([check_bit_choices(bit_choices), np.asarray(fixed, np.int32)])).astype(np.int32)
+
+
+def check_group_starts(group_starts) -> np.ndarray:
+    g = np.asarray(group_starts)
+    if g.ndim != 1 or not len(g) or not np.issubdtype(g.dtype, np.integer) or np.any(np.diff(g) <= 0) or g[0] < 0:
+        raise ValueError(f"group_starts must be a non-empty ascending list of integer timesteps >= 0, got "
+                         f"{g.tolist()}")
+    return g.astype(np.int32)
+
+
+def host_group_of(group_starts, t) -> np.ndarray:
+    """`QuantTables.group_of` on the host (numpy)."""
+    return np.maximum(np.searchsorted(np.asarray(group_starts), np.asarray(t), side="right") - 1, 0)
 
 
 # --- weights ------------------------------------------------------------------------------------------------------
@@ -156,21 +214,34 @@ def _summary(x: jax.Array, key: jax.Array):
     return jnp.min(flat), jnp.max(flat), flat[idx]
 
 
-def make_stats_fn(apply_fn: Callable):
-    """jit(salt, params, *inputs) -> {"path|role": (min, max, subsample)} for every site operand.
+def split_parts(site, x):
+    """The parts of a site's "a" operand that get their own range: (up path, skip) along the channels of a split
+    input (`Site.split_at`), else (x,)."""
+    s = getattr(site, "split_at", 0)
+    return (x[..., :s], x[..., s:]) if s else (x,)
+
+
+def make_stats_fn(apply_fn: Callable, sites: SiteTable | None = None):
+    """jit(salt, params, *inputs) -> {"path|role": (min, max, subsample)} for every site operand; role 'a', 'w'
+    and, for the split inputs of `sites`, 'skip' (the skip part; 'a' is then the up-path part).
 
     A module called several times per forward (its MACs count every call, `discover_sites`) shares one quantizer, so
     its statistics cover every call: min and max over all of them, and a subsample of each call's operand."""
+    by_path = {s.path: s for s in sites.sites} if sites is not None else {}
 
     @jax.jit
     def stats(salt, params, *inputs):
         found: dict[str, list] = {}
 
-        def operand_fn(path, role, x):
-            name = f"{path}|{role}"
+        def observe(name, x):
             calls = found.setdefault(name, [])
             key = jax.random.fold_in(jax.random.key(zlib.crc32(name.encode())), salt)
             calls.append(_summary(x, key if not calls else jax.random.fold_in(key, len(calls))))
+
+        def operand_fn(path, role, x):
+            parts = split_parts(by_path[path], x) if role == "a" and path in by_path else (x,)
+            for name, part in zip((role, "skip"), parts):
+                observe(f"{path}|{name}", part)
             return x
 
         with nn.intercept_methods(make_interceptor(operand_fn)):
@@ -196,41 +267,55 @@ def _act_range_search(values: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax
 
 
 def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterable[tuple], bit_choices,
-              seed: int = 0, num_batches: int | None = None) -> QuantTables:
-    """Calibrate all tables. `batches` yields UNet inputs (x_t, t, labels), e.g. from `trajectory_batches`.
+              seed: int = 0, num_batches: int | None = None, group_starts=(0,)) -> QuantTables:
+    """Calibrate all tables. `batches` yields model inputs, e.g. (x_t, t, labels) from `trajectory_batches`.
 
+    `group_starts` (G,): the timestep groups of the activation ranges. With G > 1 the inputs' second entry is the
+    timestep, and each batch must lie in one group (`group_batches`); every group needs a batch.
     Raises ValueError naming the first site, table and bit-width whose parameter is not finite (NaN/inf params or
     model outputs); the weight clips are checked before the activation pass, everything again at the end.
     """
     table_bits = table_bits_for(sites, bit_choices)
+    starts = check_group_starts(group_starts)
     w_clip = calibrate_weights(params, sites, table_bits)
-    _check_finite_calibration(sites, table_bits, w_clip)  # fail before the costly activation pass
+    check_finite_tables(sites, table_bits, w_clip)  # fail before the costly activation pass
 
-    stats_fn = make_stats_fn(apply_fn)
-    acc: dict[str, list] = {}
+    stats_fn = make_stats_fn(apply_fn, sites)
+    acc: dict[tuple[str, int], list] = {}
     for i, inputs in enumerate(tqdm(batches, total=num_batches, desc="calibrate activations", unit="batch",
                                     mininterval=2.0)):
+        g = 0
+        if len(starts) > 1:
+            groups = np.unique(host_group_of(starts, inputs[1]))
+            if len(groups) != 1:
+                raise ValueError(f"calibration batch {i} mixes timestep groups {groups.tolist()} (group starts "
+                                 f"{starts.tolist()}); batch the inputs per group (quant.group_batches)")
+            g = int(groups[0])
         salt = jnp.uint32((seed * 1_000_003 + i) % 2**32)
         for k, (mn, mx, sub) in jax.device_get(stats_fn(salt, params, *inputs)).items():
-            a = acc.setdefault(k, [np.inf, -np.inf, []])
+            a = acc.setdefault((k, g), [np.inf, -np.inf, []])
             a[0], a[1] = float(np.minimum(a[0], mn)), float(np.maximum(a[1], mx))  # NaN propagates
             a[2].append(np.asarray(sub))
     rng = np.random.default_rng(seed)
     bits = jnp.asarray(table_bits)
-    a_range = np.zeros((len(sites), len(table_bits), 2), np.float32)
-    w_range = np.zeros_like(a_range)
+    shape = (len(sites), len(starts), len(table_bits), 2)
+    ranges = {name: np.zeros(shape, np.float32) for name in RANGE_TABLES}
     for i, s in enumerate(sites.sites):
-        for role, dest in (("a", a_range), ("w", w_range)):
-            if role == "w" and s.has_weights:
-                continue
-            if f"{s.path}|{role}" not in acc:
-                raise RuntimeError(f"site {s.path!r} operand {role!r} was never reached during calibration")
-            mn, mx, subs = acc[f"{s.path}|{role}"]
-            vals = np.concatenate(subs)
-            vals = rng.choice(vals, SAMPLES_PER_SITE, replace=len(vals) < SAMPLES_PER_SITE)
-            dest[i] = np.asarray(_act_range_search(jnp.asarray(vals), jnp.float32(mn), jnp.float32(mx), bits))
-    _check_finite_calibration(sites, table_bits, w_clip, a_range, w_range)
-    return QuantTables(jnp.asarray(table_bits), w_clip, jnp.asarray(a_range), jnp.asarray(w_range))
+        roles = [("a", "a_range")] + ([("skip", "skip_range")] if s.split_at else []) + \
+                ([] if s.has_weights else [("w", "w_range")])
+        for role, table in roles:
+            for g in range(len(starts)):
+                if (f"{s.path}|{role}", g) not in acc:
+                    where = "" if len(starts) == 1 else f" at timesteps of group {g} (from t = {starts[g]})"
+                    raise RuntimeError(f"site {s.path!r} operand {role!r} was never reached during "
+                                       f"calibration{where}")
+                mn, mx, subs = acc[(f"{s.path}|{role}", g)]
+                vals = np.concatenate(subs)
+                vals = rng.choice(vals, SAMPLES_PER_SITE, replace=len(vals) < SAMPLES_PER_SITE)
+                ranges[table][i, g] = np.asarray(_act_range_search(jnp.asarray(vals), jnp.float32(mn),
+                                                                   jnp.float32(mx), bits))
+    check_finite_tables(sites, table_bits, w_clip, ranges["a_range"], ranges["w_range"], ranges["skip_range"])
+    return QuantTables.create(table_bits, w_clip, ranges["a_range"], ranges["w_range"], ranges["skip_range"], starts)
 
 
 def trajectory_batches(inputs: tuple, batch_size: int):
@@ -240,14 +325,34 @@ def trajectory_batches(inputs: tuple, batch_size: int):
         yield tuple(a[i:i + batch_size] for a in inputs)
 
 
+def group_batches(inputs: tuple, batch_size: int, group_starts):
+    """`trajectory_batches` per timestep group: every batch holds inputs of one group (inputs[1] is t). A group's
+    short last batch is filled up with its first inputs, so that every batch has one shape (one compiled program;
+    repeated inputs leave min and max unchanged)."""
+    groups = host_group_of(check_group_starts(group_starts), np.asarray(inputs[1]))
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        size = min(batch_size, len(idx))
+        idx = np.concatenate([idx, idx[:(-len(idx)) % size]])
+        yield from trajectory_batches(tuple(np.asarray(a)[idx] for a in inputs), size)
+
+
+def num_group_batches(t, batch_size: int, group_starts) -> int:
+    groups = host_group_of(check_group_starts(group_starts), np.asarray(t))
+    return int(sum(-(-int(np.sum(groups == g)) // batch_size) for g in np.unique(groups)))
+
+
 # --- save / load --------------------------------------------------------------------------------------------------
 
 
 def save_tables(path: str | Path, tables: QuantTables, sites: SiteTable, meta: dict | None = None) -> str:
-    tree = {"table_bits": tables.table_bits, "w_clip": tables.w_clip, "a_range": tables.a_range,
-            "w_range": tables.w_range, "site_paths": np.frombuffer("\n".join(sites.paths).encode(), np.uint8)}
-    sha = checkpoint.save_tree(path, {k: _escape(v) if k == "w_clip" else v for k, v in tree.items()})
+    tree = {"table_bits": tables.table_bits, "w_clip": _escape(tables.w_clip), "a_range": tables.a_range,
+            "w_range": tables.w_range, "skip_range": tables.skip_range, "group_starts": tables.group_starts,
+            "w_round": _escape(tables.w_round), "site_paths": np.frombuffer("\n".join(sites.paths).encode(), np.uint8)}
+    sha = checkpoint.save_tree(path, tree)
     checkpoint.write_json(Path(path).with_suffix(".json"), {"sites": len(sites), "table_bits": tables.table_bits,
+                                                           "group_starts": tables.group_starts,
+                                                           "learned_rounding": bool(tables.w_round),
                                                            "sha256": sha, **(meta or {})})
     return sha
 
@@ -256,25 +361,47 @@ def _escape(d: dict) -> dict:
     return {k.replace("/", "|"): v for k, v in d.items()}
 
 
+def _unescape(d) -> dict:
+    return {k.replace("|", "/"): jnp.asarray(v) for k, v in (d or {}).items()}
+
+
+def packed_size(site) -> int:
+    """Bytes of one bit-width's packed rounding bits of a kernel: ceil(K / 8), K its number of entries."""
+    return -(-int(np.prod(site.kernel_shape)) // 8)
+
+
 def table_shape_error(tables: QuantTables, sites: SiteTable) -> str | None:
-    """What is wrong with the tables' shapes for these sites, or None: table_bits (B,), a_range and w_range
-    (L, B, 2), and w_clip[path] (B, C_out) for exactly the sites with weights."""
+    """What is wrong with the tables' shapes for these sites, or None: table_bits (B,), group_starts (G,) ascending,
+    the range tables (L, G, B, 2), w_clip[path] (B, C_out) for exactly the sites with weights, and w_round empty or
+    (B, ceil(K / 8)) uint8 for exactly those sites."""
     tb = np.asarray(tables.table_bits)
     if tb.ndim != 1 or not len(tb):
         return f"table_bits has shape {tb.shape}, expected (B,) with B >= 1"
-    n_bits, want = len(tb), (len(sites), len(tb), 2)
-    for name in ("a_range", "w_range"):
+    gs = np.asarray(tables.group_starts)
+    if gs.ndim != 1 or not len(gs) or np.any(np.diff(gs) <= 0):
+        return f"group_starts is {gs.tolist()}, expected (G,) ascending timesteps with G >= 1"
+    n_bits, want = len(tb), (len(sites), len(gs), len(tb), 2)
+    for name in RANGE_TABLES:
         shape = tuple(np.shape(getattr(tables, name)))
         if shape != want:
-            return f"{name} has shape {shape}, expected {want} (sites, bit-widths, [lo, hi])"
+            return f"{name} has shape {shape}, expected {want} (sites, timestep groups, bit-widths, [lo, hi])"
     weights = {s.path: s for s in sites.weight_sites}
-    if set(tables.w_clip) != set(weights):
-        extra, missing = sorted(set(tables.w_clip) - set(weights)), sorted(set(weights) - set(tables.w_clip))
-        return f"w_clip entries do not match the weight sites (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name in ("w_clip", "w_round"):
+        entries = getattr(tables, name)
+        if name == "w_round" and not entries:
+            continue
+        if set(entries) != set(weights):
+            extra, missing = sorted(set(entries) - set(weights)), sorted(set(weights) - set(entries))
+            return f"{name} entries do not match the weight sites (missing {missing[:3]}, unexpected {extra[:3]})"
     for p, site in weights.items():
         shape = tuple(np.shape(tables.w_clip[p]))
         if shape != (n_bits, site.out_channels):
             return f"w_clip of site {p!r} has shape {shape}, expected {(n_bits, site.out_channels)}"
+        if tables.w_round:
+            r = tables.w_round[p]
+            if tuple(np.shape(r)) != (n_bits, packed_size(site)) or np.asarray(r).dtype != np.uint8:
+                return (f"w_round of site {p!r} is {np.asarray(r).dtype} {tuple(np.shape(r))}, expected uint8 "
+                        f"{(n_bits, packed_size(site))}")
     return None
 
 
@@ -286,18 +413,20 @@ def load_tables(path: str | Path, sites: SiteTable, bit_choices=None) -> QuantTa
     state = checkpoint.load_tree(path)
     try:
         paths = tuple(bytes(np.asarray(state["site_paths"], np.uint8)).decode().split("\n"))
-        tables = QuantTables(jnp.asarray(state["table_bits"]),
-                             {k.replace("|", "/"): jnp.asarray(v) for k, v in state["w_clip"].items()},
-                             jnp.asarray(state["a_range"]), jnp.asarray(state["w_range"]))
+        tables = QuantTables(jnp.asarray(state["table_bits"]), _unescape(state["w_clip"]),
+                             *(jnp.asarray(state[k]) for k in ("a_range", "w_range", "skip_range", "group_starts")),
+                             _unescape(state.get("w_round")))
     except (KeyError, TypeError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} are malformed: {e}") from e
+        raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} are malformed or from an older "
+                                         f"version (missing {e}); recalibrate") from e
     if paths != sites.paths:
         raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} were calibrated for other sites "
                                          f"({len(paths)} sites vs the model's {len(sites)}); recalibrate")
     if bad := table_shape_error(tables, sites):
         raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} are malformed: {bad}; recalibrate")
     try:
-        bad = first_nonfinite(sites, tables.table_bits, tables.w_clip, tables.a_range, tables.w_range)
+        bad = first_nonfinite(sites, tables.table_bits, tables.w_clip, tables.a_range, tables.w_range,
+                              tables.skip_range)
     except (IndexError, TypeError) as e:
         raise checkpoint.CheckpointError(f"quantization tables {str(path)!r} are malformed: {e}") from e
     if bad:

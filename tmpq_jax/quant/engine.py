@@ -18,8 +18,9 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tmpq_jax.quant.calibrate import QuantTables
-from tmpq_jax.quant.fake_quant import PASSTHROUGH_BITS, check_bits, qdq_asymmetric, qdq_symmetric
+from tmpq_jax.quant.calibrate import QuantTables, group_of, split_parts
+from tmpq_jax.quant.fake_quant import (PASSTHROUGH_BITS, check_bits, qdq_asymmetric, qdq_symmetric,
+                                       qdq_symmetric_rounded)
 from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
 
 STRATEGIES = ("auto", "loop", "vmap", "map", "sharded")
@@ -31,9 +32,16 @@ class CandidateQuant:
 
     w_bits: jax.Array  # (L,)
     a_bits: jax.Array  # (L,)
-    a_range: jax.Array  # (L, 2)
-    w_range: jax.Array  # (L, 2)
+    a_range: jax.Array  # (L, G, 2): one range per timestep group
+    w_range: jax.Array  # (L, G, 2)
+    skip_range: jax.Array  # (L, G, 2): the skip part of split inputs
+    group_starts: jax.Array  # (G,)
     w_clip: dict  # path -> (C_out,)
+    w_round: dict  # path -> (ceil(K / 8),) uint8 packed rounding bits; {} = round to nearest
+
+    def ranges_at(self, group) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(a_range, w_range, skip_range) of one timestep group, each (L, 2)."""
+        return self.a_range[:, group], self.w_range[:, group], self.skip_range[:, group]
 
 
 def resolve_bits(sites: SiteTable, w_bits: jax.Array, a_bits: jax.Array):
@@ -99,12 +107,29 @@ def gather_candidate(tables: QuantTables, sites: SiteTable, w_bits: jax.Array, a
     check_candidate_bits_if_concrete(sites, tables, w_bits, a_bits)
     w_bits, a_bits = resolve_bits(sites, jnp.asarray(w_bits), jnp.asarray(a_bits))
     wr, ar = tables.bit_row(w_bits), tables.bit_row(a_bits)
-    idx = jnp.arange(len(sites))
+    idx, groups = jnp.arange(len(sites))[:, None], jnp.arange(tables.num_groups)[None, :]
     take = tables.take_row
     w_clip = {s.path: take(tables.w_clip[s.path], wr[i]) for i, s in enumerate(sites.sites) if s.has_weights}
-    a_range = tables.a_range.at[idx, ar].get(mode="fill", fill_value=jnp.nan)
-    w_range = tables.w_range.at[idx, wr].get(mode="fill", fill_value=jnp.nan)
-    return CandidateQuant(w_bits, a_bits, a_range, w_range, w_clip)
+    # an uncalibrated bit-width's row reads NaN clips, so its rounding bits (any row) never matter
+    w_round = {p: jnp.take(r, wr[sites.index(p)], axis=0, mode="clip") for p, r in tables.w_round.items()}
+
+    def ranges(table, rows):  # (L, G, B, 2) -> (L, G, 2)
+        return table.at[idx, groups, rows[:, None]].get(mode="fill", fill_value=jnp.nan)
+
+    return CandidateQuant(w_bits, a_bits, ranges(tables.a_range, ar), ranges(tables.w_range, wr),
+                          ranges(tables.skip_range, ar), tables.group_starts, w_clip, w_round)
+
+
+def unpack_rounding(packed: jax.Array, shape) -> jax.Array:
+    """Packed rounding bits (ceil(K / 8),) uint8 -> {0, 1} of `shape` (K entries; numpy's big-endian bit order)."""
+    return jnp.unpackbits(packed, count=int(np.prod(shape))).reshape(shape)
+
+
+def quantize_kernel(w: jax.Array, clip: jax.Array, bits: jax.Array, packed_round: jax.Array | None = None):
+    """One kernel's QDQ: per output channel, symmetric; round to nearest, or floor + the learned rounding bits."""
+    if packed_round is None:
+        return qdq_symmetric(w, clip, bits)
+    return qdq_symmetric_rounded(w, clip, bits, unpack_rounding(packed_round, w.shape))
 
 
 def quantize_params(params: Any, sites: SiteTable, cand: CandidateQuant) -> Any:
@@ -113,21 +138,39 @@ def quantize_params(params: Any, sites: SiteTable, cand: CandidateQuant) -> Any:
     for i, s in enumerate(sites.sites):
         if s.has_weights:
             k = kernel_key(s.path)
-            flat[k] = qdq_symmetric(flat[k], cand.w_clip[s.path], cand.w_bits[i])
+            flat[k] = quantize_kernel(flat[k], cand.w_clip[s.path], cand.w_bits[i], cand.w_round.get(s.path))
     return unflatten_dict(flat)
 
 
-def quantized_apply(apply_fn: Callable, sites: SiteTable, cand: CandidateQuant) -> Callable:
-    """apply_fn with every site operand fake-quantized at its static calibrated range."""
+def site_operand_fn(sites: SiteTable, a_range, w_range, skip_range, a_bits, w_bits):
+    """operand_fn of `make_interceptor` that fake-quantizes every site operand at static ranges ((L, 2) each); the
+    "a" operand of a split input (`Site.split_at`) quantizes its up-path part with `a_range` and its skip part with
+    `skip_range`."""
     index = {p: i for i, p in enumerate(sites.paths)}
 
     def operand_fn(path, role, x):
         i = index[path]
-        if role == "a":
-            return qdq_asymmetric(x, cand.a_range[i, 0], cand.a_range[i, 1], cand.a_bits[i])
-        return qdq_asymmetric(x, cand.w_range[i, 0], cand.w_range[i, 1], cand.w_bits[i])
+        if role == "w":
+            return qdq_asymmetric(x, w_range[i, 0], w_range[i, 1], w_bits[i])
+        parts = split_parts(sites.sites[i], x)
+        out = [qdq_asymmetric(part, r[i, 0], r[i, 1], a_bits[i]) for part, r in zip(parts, (a_range, skip_range))]
+        return out[0] if len(out) == 1 else jnp.concatenate(out, axis=-1)
+
+    return operand_fn
+
+
+def quantized_apply(apply_fn: Callable, sites: SiteTable, cand: CandidateQuant, timestep_arg: int = 1) -> Callable:
+    """apply_fn with every site operand fake-quantized at its static calibrated range.
+
+    With one range per timestep group (G > 1), a call reads the group of its timestep `inputs[timestep_arg]` (its
+    first entry: one timestep per call, as in DDIM sampling); with G = 1 the inputs need no timestep.
+    """
 
     def fn(params, *inputs):
+        group = 0
+        if cand.group_starts.shape[-1] > 1:
+            group = group_of(cand.group_starts, jnp.reshape(inputs[timestep_arg], (-1,))[0])
+        operand_fn = site_operand_fn(sites, *cand.ranges_at(group), cand.a_bits, cand.w_bits)
         with nn.intercept_methods(make_interceptor(operand_fn)):
             return apply_fn(params, *inputs)
 

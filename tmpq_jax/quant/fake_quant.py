@@ -54,6 +54,16 @@ def qdq_symmetric(x: jax.Array, clip: jax.Array, bits: jax.Array) -> jax.Array:
     return jnp.where(bits >= PASSTHROUGH_BITS, x, q)
 
 
+def qdq_symmetric_rounded(x: jax.Array, clip: jax.Array, bits: jax.Array, up: jax.Array) -> jax.Array:
+    """`qdq_symmetric` with a given rounding: q = clip(floor(x / scale) + up, -qmax, qmax), `up` in [0, 1] (AdaRound's
+    h(V), Nagel et al. 2020, eq. 22; {0, 1} once learned)."""
+    bits = jnp.asarray(bits)
+    qmax = jnp.exp2(bits.astype(x.dtype) - 1.0) - 1.0
+    scale = jnp.maximum(jnp.asarray(clip, x.dtype), jnp.finfo(x.dtype).tiny) / qmax
+    q = jnp.clip(jnp.floor(x / scale) + up.astype(x.dtype), -qmax, qmax) * scale
+    return jnp.where(bits >= PASSTHROUGH_BITS, x, q)
+
+
 def qdq_asymmetric(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
     """Asymmetric unsigned QDQ of a tensor with a static range [lo, hi] (lo <= 0 <= hi keeps 0 exact)."""
     bits = jnp.asarray(bits)

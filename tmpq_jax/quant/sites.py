@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 OperandFn = Callable[[str, str, jax.Array], jax.Array]  # (site path, role 'a'|'w', x) -> x
-RecordFn = Callable[[str, str, int, int], None]  # (site path, kind, MACs, out_channels)
+RecordFn = Callable[[str, str, int, int, tuple], None]  # (site path, kind, MACs, out_channels, kernel shape)
+SplitFn = Callable[[str, int], None]  # (conv path, channels of the up path in its concatenated input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Site:
     out_channels: int  # kernel output channels (0 for matmul)
     fixed_w_bits: int = 0  # 0: searched; else pinned by a rule
     fixed_a_bits: int = 0
+    split_at: int = 0  # > 0: the input concatenates [up path (split_at channels), skip]; each part has its own range
+    kernel_shape: tuple[int, ...] = ()  # () for matmul
 
     @property
     def has_weights(self) -> bool:
@@ -133,8 +136,8 @@ def _diffusers_attention(module, operand_fn: OperandFn, record: RecordFn | None,
     k = module.reshape_heads_to_batch_dim(module.key(context))
     v = module.reshape_heads_to_batch_dim(module.value(context))
     if record is not None:  # per image: heads * Tq * Tk * dim_head for each product
-        record(f"{path}/qk", "matmul", math.prod(q.shape) * k.shape[1] // hidden_states.shape[0], 0)
-        record(f"{path}/av", "matmul", math.prod(q.shape) * k.shape[1] // hidden_states.shape[0], 0)
+        record(f"{path}/qk", "matmul", math.prod(q.shape) * k.shape[1] // hidden_states.shape[0], 0, ())
+        record(f"{path}/av", "matmul", math.prod(q.shape) * k.shape[1] // hidden_states.shape[0], 0, ())
     # quantize q, k, v once
     qq, kk = operand_fn(f"{path}/qk", "a", q), operand_fn(f"{path}/qk", "w", k)
     vv = operand_fn(f"{path}/av", "w", v)
@@ -173,13 +176,45 @@ def attention_impl(module: nn.Module):
     return None
 
 
-def make_interceptor(operand_fn: OperandFn, record: RecordFn | None = None):
-    """An `nn.intercept_methods` interceptor that routes every site operand through `operand_fn`."""
+def _up_block_classes() -> tuple[type, ...]:
+    from diffusers.models.unets.unet_2d_blocks_flax import FlaxCrossAttnUpBlock2D, FlaxUpBlock2D
+
+    return FlaxUpBlock2D, FlaxCrossAttnUpBlock2D
+
+
+UP_BLOCK_CLASSES: list[type] = []
+
+
+def concatenates_skips(module: nn.Module) -> bool:
+    """An up block whose resnet i takes concat([up path, skip]) (diffusers' Flax up blocks, and modules that set
+    `concatenates_skips = True`, like the UNet2DModel port's)."""
+    if getattr(module, "concatenates_skips", False) is True:
+        return True
+    if not UP_BLOCK_CLASSES:
+        UP_BLOCK_CLASSES.extend(_up_block_classes())
+    return isinstance(module, tuple(UP_BLOCK_CLASSES))
+
+
+def skip_splits(module: nn.Module, hidden_states) -> dict[str, int]:
+    """{1x1 shortcut path: up-path channels} of an up block's resnets: resnet i's input is concat([h, skip]), h the
+    block input (i = 0) or the previous resnet's output (out_channels). The shortcut conv is the one site that takes
+    this concatenation raw (conv1 sees it after GroupNorm and SiLU), as in Q-Diffusion's split (Sec. 4.3)."""
+    path = module_path(module)
+    return {f"{path}/resnets_{i}/conv_shortcut": int(hidden_states.shape[-1] if i == 0 else module.out_channels)
+            for i in range(int(module.num_layers))}
+
+
+def make_interceptor(operand_fn: OperandFn, record: RecordFn | None = None, record_split: SplitFn | None = None):
+    """An `nn.intercept_methods` interceptor that routes every site operand through `operand_fn`. Discovery passes
+    `record` (each site's kind, MACs and kernel) and `record_split` (the split inputs of up blocks)."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        if record_split is not None and concatenates_skips(module):
+            for path, split in skip_splits(module, args[0]).items():
+                record_split(path, split)
         impl = attention_impl(module)
         if impl is not None:
             return impl(module, operand_fn, record, *args, **kwargs)
@@ -189,7 +224,8 @@ def make_interceptor(operand_fn: OperandFn, record: RecordFn | None = None):
             if record is not None:
                 kernel = module.variables["params"]["kernel"]
                 macs = math.prod(out.shape[1:-1]) * math.prod(kernel.shape)
-                record(path, "conv" if isinstance(module, nn.Conv) else "dense", int(macs), int(kernel.shape[-1]))
+                record(path, "conv" if isinstance(module, nn.Conv) else "dense", int(macs), int(kernel.shape[-1]),
+                       tuple(int(d) for d in kernel.shape))
             return out
         return next_fun(*args, **kwargs)
 
@@ -213,25 +249,29 @@ DEFAULT_RULES: tuple[QuantRule, ...] = (QuantRule(r"/av$", a_bits=8),)
 
 
 def discover_sites(apply_fn: Callable, params_shapes: Any, example_inputs: Sequence[Any],
-                   rules: Sequence[QuantRule] = DEFAULT_RULES) -> SiteTable:
+                   rules: Sequence[QuantRule] = DEFAULT_RULES, split_skip: bool = False) -> SiteTable:
     """Trace `apply_fn(params, *inputs)` abstractly (no FLOPs) and list its sites with MACs per image.
 
-    `example_inputs` must have batch size 1 so MACs come out per image.
+    `example_inputs` must have batch size 1 so MACs come out per image. `split_skip`: the 1x1 shortcut of each up
+    block resnet quantizes its input's up-path and skip channels with separate ranges (`Site.split_at`).
     """
     found: dict[str, list] = {}
+    splits: dict[str, int] = {}
 
-    def record(path, kind, macs, out_channels):
+    def record(path, kind, macs, out_channels, kernel_shape):
         if path in found:  # a module called twice shares its quantizers; its MACs add up
             found[path][1] += macs
         else:
-            found[path] = [kind, macs, out_channels]
+            found[path] = [kind, macs, out_channels, kernel_shape]
 
     def run(p, *inputs):
-        with nn.intercept_methods(make_interceptor(lambda path, role, x: x, record)):
+        with nn.intercept_methods(make_interceptor(lambda path, role, x: x, record, splits.__setitem__)):
             return apply_fn(p, *inputs)
 
     jax.eval_shape(run, params_shapes, *example_inputs)
-    sites = [Site(path, kind, int(macs), int(oc)) for path, (kind, macs, oc) in found.items()]
+    sites = [Site(path, kind, int(macs), int(oc), kernel_shape=ks,
+                  split_at=splits.get(path, 0) if split_skip and kind == "conv" else 0)
+             for path, (kind, macs, oc, ks) in found.items()]
     return SiteTable(tuple(apply_rules(sites, rules)))
 
 

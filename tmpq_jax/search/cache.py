@@ -18,7 +18,10 @@ from typing import Any
 MODEL_FUNCTION = ("model", "guidance_scale", "negative_prompt", "memory_efficient_attention",
                   "split_head_dim", "matmul_precision")
 # the quantization sites and their calibrated parameters
-_TABLES = ("calib_steps", "calib_samples", "calib_batch", "seed", "bit_choices", "rules", "probs_8bit")
+_TABLES = ("calib_steps", "calib_samples", "calib_batch", "seed", "bit_choices", "rules", "probs_8bit",
+           "calib_trajectories", "calib_schedules", "calib_ranges", "num_steps", "spacing", "group_starts",
+           "split_skip", "reconstruct", "recon_samples", "recon_iters", "recon_batch", "recon_lr_round",
+           "recon_lr_act", "recon_reg", "recon_warmup")
 CACHE_SETTINGS: dict[str, tuple[str, ...]] = {
     "tables": MODEL_FUNCTION + _TABLES,
     # the FP reference sampler's images (a batch size can change float rounding, so it is part of the key)

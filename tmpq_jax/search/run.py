@@ -125,6 +125,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     make_algorithm(c, make_space(c, spec, 1))
     spec.schedule.default_timesteps(c.reference_steps)  # steps_offset may push the teacher's grid past T
     spec.schedule.default_timesteps(c.calib_steps)
+    need("calib_trajectories", c.calib_trajectories in CALIB_TRAJECTORIES, str(CALIB_TRAJECTORIES))
+    need("calib_ranges", c.calib_ranges in CALIB_RANGES, str(CALIB_RANGES))
+    need("calib_schedules", isinstance(c.calib_schedules, int) and c.calib_schedules >= 1,
+         "an integer >= 1 (the DDIM-quad seed plus calib_schedules - 1 random schedules)")
+    for name in ("split_skip", "reconstruct"):
+        need(name, isinstance(c[name], bool), "True or False")
+    need("recon_samples", isinstance(c.recon_samples, int) and c.recon_samples >= 1, "an integer >= 1")
+    recon_settings(c).check()
 
 
 def make_space(c, spec: models.ModelSpec, num_sites: int) -> SearchSpace:
@@ -235,7 +243,8 @@ def build_problem(c, workdir: Path | None = None) -> Problem:
 
     decode_fn = (lambda p, z: model.apply({"params": p}, z, method="decode")) if spec.decoder else None
     rules = [quant.QuantRule(**dict(r)) for r in c.rules] + (list(quant.DEFAULT_RULES) if c.probs_8bit else [])
-    sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules)
+    sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules,
+                                 split_skip=c.split_skip)
     if spec.unet_passes_per_step > 1:  # classifier-free guidance: every site runs once per pass
         sites = quant.SiteTable(tuple(dataclasses.replace(s, macs=s.macs * spec.unet_passes_per_step)
                                       for s in sites.sites))
@@ -265,11 +274,68 @@ def build_metrics(c) -> MetricSet:
 # --- stage 3: calibration ----------------------------------------------------------------------------------------------
 
 
+CALIB_TRAJECTORIES = ("candidates", "uniform")
+CALIB_RANGES = ("per_group", "shared")
+
+
+def recon_settings(c) -> quant.ReconSettings:
+    return quant.ReconSettings(iters=c.recon_iters, batch=c.recon_batch, lr_round=c.recon_lr_round,
+                               lr_act=c.recon_lr_act, reg=c.recon_reg, warmup=c.recon_warmup, seed=c.seed)
+
+
+def calibration_schedules(c, problem: Problem) -> list[np.ndarray]:
+    """The FP schedules whose trajectories calibrate: 'candidates': the DDIM-quad seed and calib_schedules - 1
+    random schedules of one step per group (what candidates run); 'uniform': `calib_steps` on diffusers' grid."""
+    if c.calib_trajectories == "uniform":
+        return [np.asarray(problem.spec.schedule.default_timesteps(c.calib_steps), np.int32)]
+    space = problem.space
+    keys = jax.random.split(jax.random.key(c.seed + 104729), c.calib_schedules - 1)
+    return [np.asarray(space.timesteps(space.seed()))] + [np.asarray(space.timesteps(space.random(k))) for k in keys]
+
+
+def calibration_inputs(c, problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """UNet inputs (x_t, t, label) of FP DDIM trajectories, `calib_samples` per schedule (its own noise), on the
+    host. Trajectories run in chunks of calib_batch samples (a short last chunk padded: one compiled program)."""
+    spec = problem.spec
+    schedules = calibration_schedules(c, problem)
+    abar = jnp.asarray(spec.schedule.alphas_cumprod(), jnp.float32)
+    labels = (jnp.arange(c.calib_samples) % max(spec.num_classes, 1)).astype(jnp.int32)
+    apply_fn = problem.apply_fn
+    traj_fn = jax.jit(lambda p, ts, z, y: diffusion.ddim_sample(lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z,
+                                                                y, return_trajectory=True,
+                                                                **spec.schedule.sampler_kwargs())[1].x)
+    chunk = min(c.calib_batch, c.calib_samples)
+    noise0 = jax.random.normal(jax.random.key(c.seed + 7919), (c.calib_samples, *spec.sample_shape))
+    compiled = traj_fn.lower(problem.params, jnp.asarray(schedules[0]), noise0[:chunk], labels[:chunk]).compile()
+    print(calibration_memory(c, spec, problem.params, compiled, sum(len(s) for s in schedules)), flush=True)
+    xs, ts, ys = [], [], []
+    for k, sched in enumerate(tqdm(schedules, desc="calibration trajectories", unit="schedule", mininterval=2.0)):
+        noise = noise0 if k == 0 else jax.random.normal(jax.random.fold_in(jax.random.key(c.seed + 7919), k),
+                                                        noise0.shape)
+        fn = compiled if len(sched) == len(schedules[0]) else jax.jit(traj_fn)
+        for i in range(0, c.calib_samples, chunk):
+            z, y = noise[i:i + chunk], labels[i:i + chunk]
+            pad = chunk - len(z)
+            z, y = jnp.pad(z, ((0, pad),) + ((0, 0),) * (z.ndim - 1)), jnp.pad(y, (0, pad))
+            x = np.asarray(fn(problem.params, jnp.asarray(sched), z, y))[:, :chunk - pad]  # (N, b, ...)
+            xs.append(x.reshape(-1, *spec.sample_shape))
+            ts.append(np.repeat(sched, x.shape[1]))
+            ys.append(np.tile(np.asarray(y[:chunk - pad]), len(sched)))
+    return np.concatenate(xs), np.concatenate(ts).astype(np.int32), np.concatenate(ys).astype(np.int32)
+
+
+def calibration_groups(c, problem: Problem) -> np.ndarray:
+    """Group starts of the activation ranges: the search space's groups ('per_group') or one group ('shared')."""
+    return np.asarray(problem.space.starts if c.calib_ranges == "per_group" else (0,), np.int32)
+
+
 def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
-    """Shared per-bit tables on FP DDIM trajectories (TMPQ-DM Sec. 3.3), cached in the workdir."""
+    """Shared per-bit tables on FP DDIM trajectories (TMPQ-DM Sec. 3.3), cached in the workdir: MSE clipping and
+    ranges per timestep group, then (config.reconstruct) learned rounding and step sizes per block."""
     spec, sites = problem.spec, problem.sites
     path = workdir / "quant_tables.msgpack"
-    key = cache_key("tables", c, problem.checkpoint_sha, sites=list(sites.paths))
+    key = cache_key("tables", c, problem.checkpoint_sha, sites=list(sites.paths),
+                    split_sites=[s.path for s in sites.sites if s.split_at])
     if path.exists() and path.with_suffix(".json").exists():
         diff = key_diff(json.loads(path.with_suffix(".json").read_text()).get("cache_key"), key)
         if not diff:
@@ -277,45 +343,57 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
             return quant.load_tables(path, sites, list(c.bit_choices))
         print(f"calibration tables in {path} were made under other settings ({', '.join(diff[:6])}); "
               "recalibrating", flush=True)
-    abar = jnp.asarray(spec.schedule.alphas_cumprod(), jnp.float32)
-    noise = jax.random.normal(jax.random.key(c.seed + 7919), (c.calib_samples, *spec.sample_shape))
-    labels = (jnp.arange(c.calib_samples) % max(spec.num_classes, 1)).astype(jnp.int32)
-    ts = spec.schedule.default_timesteps(c.calib_steps)  # the grid diffusers' DDIMScheduler runs for this model
-    # 1. FP DDIM trajectories in chunks of calib_batch samples, collected on the host
-    apply_fn = problem.apply_fn
-    traj_fn = jax.jit(lambda p, z, y: diffusion.ddim_sample(lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z, y,
-                                                            return_trajectory=True,
-                                                            **spec.schedule.sampler_kwargs())[1].x)
-    chunk = min(c.calib_batch, c.calib_samples)
-    compiled = traj_fn.lower(problem.params, noise[:chunk], labels[:chunk]).compile()
-    print(calibration_memory(c, spec, problem.params, compiled), flush=True)
-    xs = []
-    for i in range(0, c.calib_samples, chunk):  # a short last chunk is padded (one compiled program), then cut
-        z, y = noise[i:i + chunk], labels[i:i + chunk]
-        pad = chunk - len(z)
-        z, y = jnp.pad(z, ((0, pad),) + ((0, 0),) * (z.ndim - 1)), jnp.pad(y, (0, pad))
-        xs.append(np.asarray(compiled(problem.params, z, y))[:, :chunk - pad])
-    m = c.calib_steps * c.calib_samples
-    # 2. UNet inputs (x_t, t, label), timesteps mixed across batches, consumed batch by batch
-    inputs = (np.concatenate(xs, axis=1).reshape(m, *spec.sample_shape), np.repeat(ts, c.calib_samples),
-              np.tile(np.asarray(labels), c.calib_steps))
-    perm = np.random.default_rng(c.seed).permutation(m)  # mix timesteps across batches
-    inputs = tuple(a[perm] for a in inputs)
-    tables = quant.calibrate(apply_fn, problem.params, sites, quant.trajectory_batches(inputs, c.calib_batch),
-                             list(c.bit_choices), seed=c.seed, num_batches=-(-m // c.calib_batch))
-    quant.save_tables(path, tables, sites, {"cache_key": key})
+    t0 = time.time()
+    # 1. FP trajectories of the schedules candidates run
+    inputs = calibration_inputs(c, problem)
+    m = len(inputs[1])
+    # 2. MSE clipping and ranges, per timestep group (each batch holds one group) or shared (timesteps mixed)
+    starts = calibration_groups(c, problem)
+    if len(starts) > 1:
+        batches, n = quant.group_batches(inputs, c.calib_batch, starts), quant.num_group_batches(inputs[1],
+                                                                                               c.calib_batch, starts)
+    else:
+        perm = np.random.default_rng(c.seed).permutation(m)  # mix timesteps across batches
+        batches, n = quant.trajectory_batches(tuple(a[perm] for a in inputs), c.calib_batch), -(-m // c.calib_batch)
+    tables = quant.calibrate(problem.apply_fn, problem.params, sites, batches, list(c.bit_choices), seed=c.seed,
+                             num_batches=n, group_starts=starts)
+    print(f"calibration: ranges of {len(starts)} timestep group(s) from {m} UNet inputs in {time.time() - t0:.0f} s",
+          flush=True)
+    # 3. learned rounding and step sizes, block by block, on a subset of the inputs (every group)
+    if c.reconstruct:
+        t1 = time.time()
+        sub = reconstruction_subset(c, inputs, starts)
+        blocks = quant.find_blocks(problem.apply_fn, models.param_shapes(spec), models.example_inputs(spec), sites)
+        tables = quant.reconstruct(problem.apply_fn, problem.params, sites, tables, blocks,
+                                   quant.group_batches(sub, c.calib_batch, starts),
+                                   lambda b: int(quant.host_group_of(starts, b[1])[0]), recon_settings(c))
+        quant.check_finite_tables(sites, tables.table_bits, tables.w_clip, tables.a_range, tables.w_range,
+                                  tables.skip_range)
+        print(f"calibration: {len(blocks)} blocks reconstructed in {time.time() - t1:.0f} s", flush=True)
+    quant.save_tables(path, tables, sites, {"cache_key": key, "seconds": time.time() - t0})
     return tables
 
 
-def calibration_memory(c, spec: models.ModelSpec, params, compiled) -> str:
+def reconstruction_subset(c, inputs: tuple, starts) -> tuple:
+    """`recon_samples` of the calibration inputs, the same number from every timestep group (fixed seed)."""
+    groups = quant.host_group_of(starts, inputs[1])
+    uniq = np.unique(groups)
+    per = max(1, c.recon_samples // len(uniq))
+    rng = np.random.default_rng(c.seed + 1)
+    idx = np.concatenate([rng.choice(np.flatnonzero(groups == g), min(per, int(np.sum(groups == g))), replace=False)
+                          for g in uniq])
+    return tuple(a[np.sort(idx)] for a in inputs)
+
+
+def calibration_memory(c, spec: models.ModelSpec, params, compiled, num_steps: int) -> str:
     """What calibration will hold: the trajectories on the host, params and XLA's estimate for one chunk."""
-    host = c.calib_steps * c.calib_samples * math.prod(spec.sample_shape) * 4
+    host = num_steps * c.calib_samples * math.prod(spec.sample_shape) * 4
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     mem = compiled.memory_analysis()
     chunk = (f"{(mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20:,.0f} MiB per chunk of "
              f"{min(c.calib_batch, c.calib_samples)} trajectories (XLA estimate)") if mem is not None else \
         "chunk memory unknown on this backend"
-    return (f"calibration: FP DDIM trajectories, {c.calib_steps} timesteps x {c.calib_samples} samples; memory: "
+    return (f"calibration: FP DDIM trajectories, {num_steps} timesteps x {c.calib_samples} samples; memory: "
             f"{host / 2**20:,.0f} MiB of trajectories on the host, params {param_bytes / 2**20:,.0f} MiB and "
             f"{chunk} on {jax.devices()[0].device_kind}")
 
