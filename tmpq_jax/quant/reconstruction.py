@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict
 from tqdm.auto import tqdm
 
 from tmpq_jax.quant.calibrate import QuantTables
 from tmpq_jax.quant.engine import site_operand_fn
 from tmpq_jax.quant.fake_quant import PASSTHROUGH_BITS, qdq_symmetric_rounded
-from tmpq_jax.quant.sites import SiteTable, make_interceptor, module_path
+from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor, module_path
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -149,7 +150,7 @@ class BlockInputs:
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer)
+    return isinstance(x, (jax.Array, np.ndarray))  # tracers are jax.Array instances
 
 
 def capture_inputs(apply_fn: Callable, params: Any, blocks: Iterable[Block], batches: Iterable[tuple],
@@ -398,10 +399,6 @@ def apply_learned(tables: QuantTables, problem: BlockProblem, learned) -> QuantT
 
 def nearest_rounding(params: Any, sites: SiteTable, tables: QuantTables) -> dict:
     """Packed rounding bits that reproduce round-to-nearest (half up) for every weight site and bit row."""
-    from flax.traverse_util import flatten_dict
-
-    from tmpq_jax.quant.sites import kernel_key
-
     flat = flatten_dict(params)
     out = {}
     for s in sites.weight_sites:
