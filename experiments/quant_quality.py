@@ -8,7 +8,8 @@ Stages (each adds one technique to the one before; README "Calibration"):
 
 Every row is sampled on held-out report noise (`--noise_seed`, purpose 'report', which no search uses) and scored
 against the report reference (the 500 held-out digits): Inception FID and classifier FD with 95% bootstrap
-intervals, and teacher MSE to FP32 at the same steps and noise. Rows are saved as they finish and reused.
+intervals, and teacher MSE to FP32 at the same steps and noise. Rows are saved as they finish and reused while
+their calibration settings (the tables' cache key) are unchanged.
 
 python experiments/quant_quality.py --num_samples 500 --noise_seed 7 --schedules quad10,uniform100 \
     --out benchmarks/calibration_mnist-small_cpu.json
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import evaluate as ev_mod  # noqa: E402
 from tmpq_jax import data, diffusion, metrics as M, quant  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
+from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
 
 STAGES = {
@@ -118,6 +120,7 @@ def main(argv):
         tables = run_mod.calibrate(c, problem, work / stage)
         meta = json.loads((work / stage / "quant_tables.json").read_text())
         result.setdefault("calibration_seconds", {})[stage] = meta.get("seconds", time.time() - t0)
+        calib = cache_tag(meta["cache_key"])  # the calibration settings a row was sampled under
         evaluator = run_mod.make_evaluator(c, problem, tables)
         scorer = scorer or Scorer(c, FLAGS.num_samples, FLAGS.bootstrap, FLAGS.noise_seed)
         for sched_name in FLAGS.schedules:
@@ -135,8 +138,10 @@ def main(argv):
             bit_list = FLAGS.bits_100 if (len(ts) > 20 and FLAGS.bits_100) else FLAGS.bits
             for bits in bit_list:
                 key = f"{sched_name}/{stage}/w{bits.replace('/', 'a')}"
-                if key in rows:
+                if key in rows and rows[key].get("calibration") == calib:
                     continue
+                if key in rows:
+                    print(f"{key}: sampled under other calibration settings; resampling", flush=True)
                 w, a = parse_bits(bits)
                 wv, av = np.full((1, len(problem.sites)), w, np.int32), np.full((1, len(problem.sites)), a, np.int32)
                 t1 = time.time()
@@ -144,7 +149,7 @@ def main(argv):
                                   lambda: evaluator.sample(ts[None], wv, av, noise_set)[0],
                                   {"tables": meta["sha256"], "noise": noise_set.describe(), "timesteps": ts.tolist(),
                                    "bits": [w, a], "sample_batch": c.sample_batch})
-                rows[key] = {"schedule": sched_name, "stage": stage, "bits": f"W{w}A{a}",
+                rows[key] = {"schedule": sched_name, "stage": stage, "bits": f"W{w}A{a}", "calibration": calib,
                              "bitops": quant.bitops(problem.sites, wv[0], av[0], len(ts)),
                              "sample_seconds": time.time() - t1, **scorer(unit, fp_images[sched_name])}
                 print(key, {m: rows[key][m]["value"] for m in METRICS}, flush=True)

@@ -329,13 +329,19 @@ def calibration_groups(c, problem: Problem) -> np.ndarray:
     return np.asarray(problem.space.starts if c.calib_ranges == "per_group" else (0,), np.int32)
 
 
+def tables_key(c, problem: Problem) -> dict:
+    """The cache key of the calibration tables: every setting that changes them, the sites and the split sites."""
+    sites = problem.sites
+    return cache_key("tables", c, problem.checkpoint_sha, sites=list(sites.paths),
+                     split_sites=[s.path for s in sites.sites if s.split_at])
+
+
 def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
     """Shared per-bit tables on FP DDIM trajectories (TMPQ-DM Sec. 3.3), cached in the workdir: MSE clipping and
     ranges per timestep group, then (config.reconstruct) learned rounding and step sizes per block."""
     spec, sites = problem.spec, problem.sites
     path = workdir / "quant_tables.msgpack"
-    key = cache_key("tables", c, problem.checkpoint_sha, sites=list(sites.paths),
-                    split_sites=[s.path for s in sites.sites if s.split_at])
+    key = tables_key(c, problem)
     if path.exists() and path.with_suffix(".json").exists():
         diff = key_diff(json.loads(path.with_suffix(".json").read_text()).get("cache_key"), key)
         if not diff:
