@@ -50,7 +50,7 @@ def test_block_crossover_takes_whole_blocks():
     g1, g2 = SPACE.uniform_bits(8), SPACE.uniform_bits(5)
     seen = set()
     for k in range(20):
-        c = ops.block_crossover(jax.random.key(k), g1, g2, jnp.asarray(blocks))
+        c = ops.block_crossover(jax.random.key(k), g1, g2, blocks)
         w = np.asarray(c.w_bit_idx).reshape(10, 4)
         assert np.all(w == w[:, :1]) and np.array_equal(c.w_bit_idx, c.a_bit_idx)
         seen.add(tuple(w[:, 0].tolist()))

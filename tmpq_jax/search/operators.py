@@ -61,12 +61,12 @@ def block_ids(paths, depth: int = 3) -> np.ndarray:
     return np.asarray([uniq[n] for n in names], np.int32)
 
 
-def block_crossover(key: jax.Array, g1: Genome, g2: Genome, blocks: jax.Array) -> Genome:
+def block_crossover(key: jax.Array, g1: Genome, g2: Genome, blocks: np.ndarray) -> Genome:
     """Each block of sites (weights and activations together) from either parent with probability 1/2; the
-    timesteps as one more block."""
+    timesteps as one more block. `blocks`: (L,) static block ids (numpy)."""
     k_b, k_t = jax.random.split(key)
-    n_blocks = int(np.max(np.asarray(blocks))) + 1
-    take1 = jax.random.bernoulli(k_b, 0.5, (n_blocks,))[jnp.asarray(blocks)]
+    blocks = np.asarray(blocks)
+    take1 = jax.random.bernoulli(k_b, 0.5, (int(blocks.max()) + 1,))[jnp.asarray(blocks)]
     take_t = jax.random.bernoulli(k_t, 0.5)
     return Genome(jnp.where(take_t, g1.timestep_idx, g2.timestep_idx),
                   jnp.where(take1, g1.w_bit_idx, g2.w_bit_idx), jnp.where(take1, g1.a_bit_idx, g2.a_bit_idx))
