@@ -1,0 +1,52 @@
+"""Per-site sensitivity probes and damage tables (no model)."""
+
+import numpy as np
+import pytest
+
+from tmpq_jax.search import sensitivity as sens
+from tmpq_jax.search.budget import Budget
+
+BITS = (8, 7, 6, 5)
+BUDGET = Budget(10**9, (10, 20, 30), (0, 8, 0), (0, 0, 0), BITS, 4)  # site 1's weights pinned by a rule
+
+
+def test_probes_cover_every_searched_operand_and_no_pinned_one():
+    p = sens.probes(BUDGET)
+    assert len(p) == (2 + 3) * 3  # 2 searched weight operands and 3 activation ones, 3 lower choices each
+    assert not any(q.site == 1 and q.operand == "w" for q in p)
+    w, a = sens.probe_bits_arrays(BUDGET, p)
+    assert np.all((w > 0).sum(1) + (a > 0).sum(1) == 1)  # exactly one operand lowered per probe
+    assert len(sens.probes(BUDGET, probe_bits=(5,))) == 5
+
+
+@pytest.mark.parametrize("probe_bits,match", [((8,), "lower bit choices"), ((4,), "lower"), ((), "non-empty")])
+def test_bad_probe_bits_are_refused(probe_bits, match):
+    with pytest.raises(ValueError, match=match):
+        sens.probes(BUDGET, probe_bits)
+
+
+def true_damage(site, operand, b):
+    k = {("w", 0): 1.0, ("w", 2): 3.0, ("a", 0): 2.0, ("a", 1): 0.5, ("a", 2): 7.0}[(operand, site)]
+    return k * (4.0 ** -b - 4.0 ** -8) * 1e4
+
+
+@pytest.mark.parametrize("probe_bits", [None, (5,), (6, 5)])
+def test_damage_tables_recover_a_noise_power_model(probe_bits):
+    p = sens.probes(BUDGET, probe_bits)
+    base = 0.25
+    scores = [base + true_damage(q.site, q.operand, BITS[q.bit_idx]) for q in p]
+    dw, da = sens.damage_tables(BUDGET, p, scores, base)
+    want_w = np.array([[true_damage(s, "w", b) if (s != 1) else 0.0 for b in BITS] for s in range(3)])
+    want_a = np.array([[true_damage(s, "a", b) for b in BITS] for s in range(3)])
+    np.testing.assert_allclose(dw, want_w, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(da, want_a, rtol=1e-12, atol=1e-12)
+
+
+def test_non_finite_probe_scores_are_errors_that_name_the_probe():
+    p = sens.probes(BUDGET, (5,))
+    scores = np.ones(len(p))
+    scores[2] = np.nan
+    with pytest.raises(ValueError, match=f"site {p[2].site} {p[2].operand} at 5 bits"):
+        sens.damage_tables(BUDGET, p, scores, 0.5)
+    with pytest.raises(ValueError, match="all-top"):
+        sens.damage_tables(BUDGET, p, np.ones(len(p)), np.nan)
