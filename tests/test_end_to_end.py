@@ -183,3 +183,34 @@ def test_search_with_inception_fid_as_fitness(tmp_path, fid_cache):
     fits = [h["best"] for h in r["history"]]
     assert all(np.isfinite(fits)) and fits == sorted(fits, reverse=True)
     assert r["best"]["search"]["fitness"] > 0 and r["best"]["report"]["classifier_fd"]["value"] > 0
+
+
+def test_local_search_end_to_end_counts_its_sensitivity_runs(tmp_path, fid_cache):
+    """The tiny search with algorithm='local': sensitivities cached in the workdir and counted, the knapsack
+    start in the first population, every candidate within the budget."""
+    from conftest import run_tiny_search as _search
+
+    np.savez(tmp_path / "fid_reference.npz", images=data.to_unit_range(data.mnist("heldout").images[:24]))
+    work = tmp_path / "run"
+    out = _search(work, f"--config.fid_cache={fid_cache}", "--config.algorithm=local", "--config.reconstruct=False",
+                  "--config.sensitivity_samples=4", "--config.report_metrics=('teacher_mse',)",
+                  "--config.baselines=('greedy_bits',)")
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((work / "results.json").read_text())
+    z = np.load(work / "sensitivities.npz")
+    L = r["model"]["quantized_sites"]
+    from tmpq_jax.search import run as run_mod
+
+    sys.path.insert(0, str(ROOT / "experiments" / "configs"))
+    import tiny
+
+    budget = run_mod.build_problem(tiny.get_config()).budget  # pinned operands (8-bit probabilities) are not probed
+    searched = int(np.sum(np.asarray(budget.fixed_w) == 0) + np.sum(np.asarray(budget.fixed_a) == 0))
+    assert searched < 2 * L
+    assert int(z["runs"]) == r["timing"]["sensitivity_runs"] == 1 + searched  # all-top + one 5-bit probe each
+    assert z["w_damage"].shape == z["a_damage"].shape == (L, 4) and np.all(z["a_damage"][:, 0] == 0)
+    assert r["timing"]["sampling_runs"] >= r["timing"]["sensitivity_runs"]
+    first = [h for h in r["history"] if h["generation"] == 0][0]
+    assert first["feasible_fraction"] == 1.0
+    assert r["best"]["within_budget"] and r["best"]["bitops"] <= r["budget_bitops"]
+    assert "knapsack (weights' share 0.5)" in out.stdout

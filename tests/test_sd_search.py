@@ -46,7 +46,7 @@ def tiny_sd_config(sd_folder, **overrides):
     c.search_samples, c.select_samples, c.final_samples, c.rescore_top_k = 3, 3, 3, 1
     c.reference_steps, c.calib_steps, c.calib_samples, c.calib_batch, c.sample_batch = 3, 2, 3, 2, 3
     c.baselines = ("uniform_w6a6",)
-    c.recon_iters, c.recon_samples, c.recon_batch = 2, 6, 2  # every calibration technique, reconstruction in seconds
+    c.reconstruct, c.recon_iters, c.recon_samples, c.recon_batch = True, 2, 6, 2  # every technique, in seconds
     for k, v in overrides.items():
         c[k] = v
     return c

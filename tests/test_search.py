@@ -175,6 +175,13 @@ def _config():
     (dict(bit_choices=(7, 6, 5)), r"baselines has 'uniform_w8a8', whose 8 bits are not among config.bit_choices"),
     (dict(seed_bits=8), r"seed_bits=8 differs from config.budget_bits=6"),
     (dict(seed_bits=8, budget_bitops=10**12), None),  # an explicit budget: the seed may be repaired into it
+    (dict(sensitivity_probe_bits=(8,)), r"sensitivity_probe_bits=\(8,\) is invalid; valid: one or more of the "
+                                        r"lower bit choices \[7, 6, 5\]"),
+    (dict(sensitivity_probe_bits=()), "sensitivity_probe_bits"),
+    (dict(sensitivity_samples=1), r"sensitivity_samples=1 is invalid; valid: an integer >= 2"),
+    (dict(knapsack_weights=(0.5, 1.5)), r"knapsack_weights=\(0.5, 1.5\) is invalid"),
+    (dict(algorithm="local", expected_genes=0.0), r"expected_genes=0.0 is invalid; valid range: > 0"),
+    (dict(algorithm="local"), None),
 ])
 def test_bad_config_values(changes, msg):
     c = _config()
@@ -192,8 +199,11 @@ def test_default_configs_validate():
     import default
     import paper
 
-    for c in (default.get_config(), paper.get_config(), _config()):
+    import steps5
+
+    for c in (default.get_config(), paper.get_config(), _config(), steps5.get_config()):
         run_mod.validate_config(c)
+    assert steps5.get_config().num_steps == 5
 
 
 def test_impossible_budget_is_a_clear_error(tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from tmpq_jax import diffusion, quant
 from tmpq_jax.quant import QuantTables, SiteTable
@@ -47,3 +49,67 @@ def make_population_sampler(apply_fn: Callable, sites: SiteTable, strategy: str 
         return run(pop, shared)
 
     return sampler
+
+
+def quantized_step_costs(apply_fn: Callable, sites: SiteTable, abar: jax.Array, params: Any, tables: QuantTables,
+                         w_bits, a_bits, group_timesteps: list, noise: jax.Array, labels: Any,
+                         sampler_kwargs: dict | None = None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """One-step errors of a quantized candidate against a fine FP teacher (`search.timestep_dp`).
+
+    group_timesteps: candidate timesteps of each group in sampling order (descending t). The teacher is FP DDIM
+    through all of them, from `noise`. Returns (start (K_0,) zeros, transitions[j] (K_j, K_{j+1}), final
+    (K_last,)): the mean squared error of one quantized DDIM step from the teacher's state at a source (the noise
+    itself for the first group) to the teacher's state at each target, or to the teacher's final sample.
+    """
+    kw = dict(sampler_kwargs or {})
+    final_abar = kw.pop("final_abar", 1.0)
+    clip_x0 = kw.get("clip_x0", True)
+    step_kw = {k: kw[k] for k in ("prediction_type", "clipped_eps") if k in kw}
+    fine = np.concatenate([np.asarray(g, np.int32) for g in group_timesteps])
+    if np.any(np.diff(fine) >= 0):
+        raise ValueError("group timesteps must be strictly descending across groups, in sampling order")
+    abar = jnp.asarray(abar, noise.dtype)
+    _, traj = jax.jit(lambda p, ts, z, y: diffusion.ddim_sample(lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z,
+                                                                y, return_trajectory=True, **(sampler_kwargs or {})))(
+        params, jnp.asarray(fine), noise, labels)
+    final_fp = jax.jit(lambda p, ts, z, y: diffusion.ddim_sample(lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z,
+                                                                 y, **(sampler_kwargs or {})))(
+        params, jnp.asarray(fine), noise, labels)
+    states = dict(zip(fine.tolist(), traj.x))  # the teacher's input at each fine timestep
+    cand = quant.gather_candidate(tables, sites, jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32))
+    qparams = quant.quantize_params(params, sites, cand)
+    qapply = quant.quantized_apply(apply_fn, sites, cand)
+    out_range = diffusion._clip_range(True if clip_x0 is False else clip_x0)
+
+    def errors(x, t, abar_next, targets, last):
+        eps = qapply(qparams, x, jnp.full((x.shape[0],), t, jnp.int32), labels)
+
+        def one(a_next, target):
+            x_next, _ = diffusion.ddim_step(x, eps, abar[t], a_next, clip_x0, **step_kw)
+            if last and out_range is not None:  # the sampler's output range after its last step
+                x_next = jnp.clip(x_next, -out_range, out_range)
+            return jnp.mean((x_next - target) ** 2)
+
+        return jax.vmap(one)(abar_next, targets)
+
+    errors = jax.jit(errors, static_argnums=4)
+
+    transitions, final = [], None
+    for j, src in enumerate(group_timesteps):
+        last = j == len(group_timesteps) - 1
+        if last:
+            a_next = jnp.full((1,), final_abar, abar.dtype)
+            targets = final_fp[None]
+        else:
+            nxt = np.asarray(group_timesteps[j + 1], np.int32)
+            a_next = abar[jnp.asarray(nxt)]
+            targets = jnp.stack([states[int(t)] for t in nxt])
+        rows = []
+        for t in np.asarray(src, np.int32):
+            x = noise if j == 0 else states[int(t)]
+            rows.append(np.asarray(errors(x, jnp.int32(t), a_next, targets, last), np.float64))
+        if last:
+            final = np.concatenate(rows)
+        else:
+            transitions.append(np.stack(rows))
+    return np.zeros(len(group_timesteps[0])), transitions, final

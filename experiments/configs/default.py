@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.budget_bits = 6  # uniform W6A6 at num_steps ...
     c.budget_bitops = 0  # ... unless an explicit BitOPs budget is given
     # algorithm
-    c.algorithm = "evolution"  # or an evosax algorithm, e.g. 'CMA_ES', 'SimpleGA'
+    c.algorithm = "evolution"  # the reference GA; 'local' (below); or an evosax algorithm, e.g. 'CMA_ES', 'SimpleGA'
     c.population_size = 8
     c.generations = 6
     c.num_parents = 3
@@ -44,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.mutation_prob = 0.25
     c.max_redraw = 8  # rounds of redrawing genomes already seen (this generation or earlier)
     c.warm_start = True  # seed the joint search with the single-axis bests and greedy_bits
+    # algorithm 'local' (tmpq_jax/search/local.py): local moves, per-site sensitivities, exact knapsack start
+    c.expected_genes = 2.0  # genes a local mutant changes on average (ordinal +-1 bit moves)
+    c.sensitivity_probe_bits = (5,)  # probed lower choices per operand; the others from the 4^-b noise model
+    c.sensitivity_samples = 8  # fitness samples per probe (the probes' sampler runs count in the search's total)
+    c.knapsack_weights = (0.25, 0.5, 0.75)  # weights' share of the additive damage, one knapsack start each
     # fitness (selection) and reports: each on its own noise (DESIGN.md Sec. 5)
     c.metric = "teacher_mse"  # paired pixel MSE to the FP teacher; chosen by the fidelity panel (README "Which fitness")
     c.fitness_reference = "mnist-fitness"  # reference data of the fitness (1000 train digits)
@@ -70,7 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.calib_batch = 128
     c.calib_ranges = "per_group"  # an activation range per timestep group of the space ('shared': one for all t)
     c.split_skip = True  # separate ranges for the up-path and skip channels of up blocks' 1x1 shortcut inputs
-    c.reconstruct = True  # learned rounding (AdaRound) and step sizes per block and bit-width (BRECQ-style)
+    # learned rounding (AdaRound) and step sizes per block and bit-width (BRECQ-style). Off in this CPU default: it
+    # takes about 8 minutes here (the 10-minute default run could not hold it) and helps most at 5-bit activations
+    # (README "Calibration"); turn it on with --config.reconstruct=True, e.g. on an accelerator
+    c.reconstruct = False
     c.recon_samples = 512  # calibration inputs recorded per block (the same number from every group)
     c.recon_iters = 80
     c.recon_batch = 16

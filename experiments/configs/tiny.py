@@ -22,7 +22,8 @@ def get_config():
     c.reference_steps = 4
     c.calib_steps = 4
     c.calib_samples = 8
-    c.recon_samples = 24  # every calibration technique on, reconstruction only a few steps per block
+    c.reconstruct = True  # every calibration technique on, reconstruction only a few steps per block
+    c.recon_samples = 24
     c.recon_iters = 3
     c.recon_batch = 4
     c.fid_batch = 8  # one Inception batch per final image set

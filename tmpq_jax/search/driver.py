@@ -16,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,14 +97,23 @@ def _set_rows(pop: Genome, idx, new: Genome) -> Genome:
 
 
 def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, max_redraw: int,
-            warm: Sequence[Genome] = ()):
-    """ask -> warm start -> repair -> redraw duplicates (bounded: half the rounds from `ask` with fresh keys, then
-    uniform random candidates). Returns (pop, state, cost, feasible, new)."""
+            warm: Sequence[Genome] = (), refine: Callable[[Genome], Genome] | None = None):
+    """ask -> warm start -> repair (then `refine`, e.g. a fill of unused budget) -> redraw duplicates (bounded:
+    half the rounds from `ask` with fresh keys, then uniform random candidates). Returns (pop, state, cost,
+    feasible, new)."""
+    def repair(p):
+        p, cost, ok = budget.repair(p, space)
+        if refine is not None:
+            p = refine(p)
+            cost = budget.cost_of(p)
+            ok = cost <= budget.limit
+        return p, np.asarray(cost), np.asarray(ok)
+
     pop, state = ask(key, state)
     pop = jax.tree.map(np.asarray, pop)
     if warm:
         pop = _set_rows(pop, slice(-len(warm), None), jax.tree.map(lambda *x: np.stack(x), *warm))
-    pop, cost, feasible = budget.repair(pop, space)
+    pop, cost, feasible = repair(pop)
 
     def duplicates(pop):
         seen, dup = set(visited), []
@@ -123,7 +132,7 @@ def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, m
             fresh, _ = ask(k, state)
         else:
             fresh = jax.vmap(space.random)(jax.random.split(k, len(cost)))
-        fresh, f_cost, f_ok = budget.repair(jax.tree.map(np.asarray, fresh), space)
+        fresh, f_cost, f_ok = repair(jax.tree.map(np.asarray, fresh))
         idx = np.flatnonzero(dup)
         pop = _set_rows(pop, idx, _rows(fresh, idx))
         cost[idx], feasible[idx] = f_cost[idx], f_ok[idx]
@@ -184,7 +193,7 @@ def _fill_cache(evaluator: Evaluator, metric: Metric, space: SearchSpace, log: d
 
 def evolve(name: str, algo: Any, space: SearchSpace, budget: Budget, evaluator: Evaluator, metric: Metric,
            settings: SearchSettings, generations: int, workdir: Path, fingerprint: dict, resume: bool = False,
-           warm: Sequence[Genome] = ()) -> SearchResult:
+           warm: Sequence[Genome] = (), refine: Callable[[Genome], Genome] | None = None) -> SearchResult:
     """Run `algo` (init/ask/tell) on `space` for `generations`; checkpoint to workdir/search_<name>.msgpack."""
     key = jax.random.key(settings.seed)
     ask, tell = jax.jit(algo.ask), jax.jit(algo.tell)
@@ -213,7 +222,7 @@ def evolve(name: str, algo: Any, space: SearchSpace, budget: Budget, evaluator: 
         t0 = time.time()
         k = jax.random.fold_in(key, gen)
         pop, state, cost, feasible, new = propose(ask, k, state, space, budget, visited, settings.max_redraw,
-                                                  warm if gen == 0 else ())
+                                                  warm if gen == 0 else (), refine)
         scores, level, keys = score_population(evaluator, metric, space, pop, feasible, settings)
         state = tell(k, jax.tree.map(jnp.asarray, pop), jnp.asarray(keys), state)
         rank = generation_ranks(keys)

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tmpq_jax import checkpoint, data, diffusion, models, quant, text
+from tmpq_jax.search import knapsack, local, operators, sensitivity
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
@@ -44,10 +45,14 @@ NOT_IN_FINGERPRINT = ("report_metrics", "report_reference", "report_noise_seed",
 # --- config -------------------------------------------------------------------------------------------------------
 
 
-def make_algorithm(c, space: SearchSpace):
+def make_algorithm(c, space: SearchSpace, site_paths=()):
     if c.algorithm == "evolution":
         return EvolutionSearch(space, c.population_size, c.num_parents, c.num_mutation, c.num_crossover,
                                c.mutation_prob)
+    if c.algorithm == "local":
+        blocks = tuple(int(b) for b in operators.block_ids(site_paths)) if len(site_paths) else ()
+        return local.LocalSearch(space, c.population_size, c.num_parents, c.num_mutation, c.num_crossover,
+                                 c.mutation_prob, expected_genes=c.expected_genes, blocks=blocks)
     algo = EvosaxSearch(space, c.algorithm, c.population_size)
     algo._strategy()  # unknown names fail here
     return algo
@@ -133,6 +138,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         need(name, isinstance(c[name], bool), "True or False")
     need("recon_samples", isinstance(c.recon_samples, int) and c.recon_samples >= 1, "an integer >= 1")
     recon_settings(c).check()
+    # the local search's sensitivities and knapsack start
+    lower = sorted(c.bit_choices, reverse=True)[1:]
+    need("sensitivity_probe_bits", len(c.sensitivity_probe_bits) >= 1 and all(b in lower for b in
+                                                                             c.sensitivity_probe_bits),
+         f"one or more of the lower bit choices {lower}")
+    need("sensitivity_samples", isinstance(c.sensitivity_samples, int) and c.sensitivity_samples >= 2,
+         "an integer >= 2")
+    need("knapsack_weights", len(c.knapsack_weights) >= 1 and all(0.0 <= w <= 1.0 for w in c.knapsack_weights),
+         "one or more weightings in [0, 1] (weights' share of the damage)")
 
 
 def make_space(c, spec: models.ModelSpec, num_sites: int) -> SearchSpace:
@@ -468,6 +482,64 @@ def make_teachers(c, problem: Problem, evaluator: Evaluator, metric_set: MetricS
     return {s: teacher_images(c, problem, evaluator, s, workdir) for s in dict.fromkeys(need)}
 
 
+# --- stage 5a: sensitivities and the knapsack start (algorithm 'local') ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sensitivities:
+    """(L, B) fitness damage of each site's weights and activations at each bit choice (0 at the top), the probes'
+    sampler runs, and the noise they were scored on."""
+
+    w_damage: np.ndarray
+    a_damage: np.ndarray
+    runs: int
+    noise: NoiseSet
+
+
+def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric, workdir: Path) -> Sensitivities:
+    """The all-top candidate and one probe per searched operand and probed bit-width (`sensitivity.probes`),
+    scored by the fitness on the fitness noise at `sensitivity_samples`; cached in workdir/sensitivities.npz under
+    a key of every setting that changes them."""
+    budget, space = problem.budget, problem.space
+    noise = NoiseSet(c.noise_seed, "fitness", c.sensitivity_samples)
+    plist = sensitivity.probes(budget, c.sensitivity_probe_bits)
+    key = cache_key("samples", c, problem.checkpoint_sha, metric=metric.name, noise=noise.describe(),
+                    probe_bits=sorted(c.sensitivity_probe_bits), sites=list(problem.sites.paths))
+    path = workdir / "sensitivities.npz"
+    if path.exists():
+        with np.load(path) as z:
+            if str(z["key"]) == json.dumps(key, sort_keys=True):
+                print(f"loading sensitivities from {path}", flush=True)
+                return Sensitivities(z["w_damage"], z["a_damage"], int(z["runs"]), noise)
+        print(f"sensitivities in {path} were made under other settings; measuring again", flush=True)
+    w, a = sensitivity.probe_bits_arrays(budget, plist)
+    w, a = np.vstack([np.zeros_like(w[:1]), w]), np.vstack([np.zeros_like(a[:1]), a])  # row 0: all at the top
+    choices = np.asarray(space.bit_choices, np.int32)
+    ts = np.broadcast_to(np.asarray(space.timesteps(space.seed())), (len(w), space.num_steps))
+    print(f"sensitivities: {len(w)} probes (all-top, and one operand of one site at "
+          f"{sorted(c.sensitivity_probe_bits)} bits) on {noise.n} fitness samples", flush=True)
+    before = evaluator.sampled
+    scores = np.concatenate([evaluator.evaluate(ts[i:i + c.population_size], choices[w[i:i + c.population_size]],
+                                                choices[a[i:i + c.population_size]], noise, [metric])[:, 0]
+                             for i in tqdm(range(0, len(w), c.population_size), desc="sensitivities",
+                                           unit="batch", mininterval=2.0)])
+    runs = evaluator.sampled - before
+    wd, ad = sensitivity.damage_tables(budget, plist, scores[1:], float(scores[0]))
+    if checkpoint.is_primary():
+        np.savez(path, w_damage=wd, a_damage=ad, runs=runs, key=np.asarray(json.dumps(key, sort_keys=True)))
+    return Sensitivities(wd, ad, runs, noise)
+
+
+def knapsack_start(c, problem: Problem, sens: Sensitivities) -> list[Genome]:
+    """The knapsack optima (DDIM-quad timesteps) of the additive damage, one per `knapsack_weights` entry."""
+    genomes, sols = knapsack.knapsack_genomes(problem.budget, problem.space, sens.w_damage, sens.a_damage,
+                                              tuple(c.knapsack_weights))
+    for wt, sol in zip(c.knapsack_weights, sols):
+        print(f"knapsack (weights' share {wt}): damage {sol.damage:.4g} (lower bound {sol.lower_bound:.4g}), "
+              f"{sol.cost:,} of {problem.budget.limit:,} BitOPs", flush=True)
+    return genomes
+
+
 # --- stage 5: searches ----------------------------------------------------------------------------------------------
 
 
@@ -481,13 +553,20 @@ def single_axis_space(space: SearchSpace, name: str) -> SearchSpace:
 
 
 def run_searches(c, problem: Problem, evaluator: Evaluator, metric: Metric, workdir: Path, resume: bool,
-                 warm_extra=()) -> dict[str, SearchResult]:
+                 warm_extra=(), sens: Sensitivities | None = None) -> dict[str, SearchResult]:
     """Single-axis searches (each repairs within its own space), then the joint search, warm-started from their
     bests and `warm_extra` if configured. A single-axis space whose seed cannot meet the budget is skipped and
-    recorded as infeasible by the baselines stage."""
+    recorded as infeasible by the baselines stage. With sensitivities, every repaired genome of a space that
+    searches bits also gets the exact knapsack fill of the budget it left (`local.fill_genomes`)."""
     fp = fingerprint(c, problem.checkpoint_sha)
     settings = search_settings(c)
+    paths = tuple(problem.sites.paths)
     out = {}
+
+    def refine(space):
+        if sens is None or not space.search_bits:
+            return None
+        return lambda pop: local.fill_genomes(pop, problem.budget, sens.w_damage, sens.a_damage)
     for name in [b for b in c.baselines if b in SINGLE_AXIS]:
         sub = single_axis_space(problem.space, name)
         if not SINGLE_AXIS[name]["search_bits"] and not problem.budget.is_feasible(sub.seed()):
@@ -495,14 +574,16 @@ def run_searches(c, problem: Problem, evaluator: Evaluator, metric: Metric, work
                   f"{problem.budget.limit:,}, and this space cannot change bits", flush=True)
             continue
         print(f"baseline search {name}", flush=True)
-        out[name] = evolve(name, make_algorithm(c, sub), sub, problem.budget, evaluator, metric, settings,
-                           c.generations, workdir, fp, resume)
+        out[name] = evolve(name, make_algorithm(c, sub, paths), sub, problem.budget, evaluator, metric, settings,
+                           c.generations, workdir, fp, resume, refine=refine(sub))
     warm = []
-    if c.warm_start and c.algorithm == "evolution":
-        warm = [r.top_unique(1)[0][0] for r in out.values() if r.top_unique(1)] + list(warm_extra)
+    if c.warm_start and c.algorithm in ("evolution", "local"):
+        bests = [r.top_unique(1)[0][0] for r in out.values() if r.top_unique(1)]
+        # the local search starts from the knapsack solutions and greedy_bits first (the seed is row 0)
+        warm = list(warm_extra) + bests if c.algorithm == "local" else bests + list(warm_extra)
         warm = warm[: c.population_size - 1]
-    out["joint"] = evolve("joint", make_algorithm(c, problem.space), problem.space, problem.budget, evaluator, metric,
-                          settings, c.generations, workdir, fp, resume, warm)
+    out["joint"] = evolve("joint", make_algorithm(c, problem.space, paths), problem.space, problem.budget, evaluator,
+                          metric, settings, c.generations, workdir, fp, resume, warm, refine=refine(problem.space))
     return out
 
 
@@ -677,8 +758,14 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     teachers = make_teachers(c, problem, evaluator, metric_set, workdir)
     lap("teacher")
     greedy = greedy_finalist(c, problem, evaluator, metric_set.fitness) if "greedy_bits" in c.baselines else None
+    sens, start = None, []
+    if c.algorithm == "local":
+        sens = site_sensitivities(c, problem, evaluator, metric_set.fitness, workdir)
+        start = knapsack_start(c, problem, sens)
+        timing["sensitivity_runs"] = sens.runs
+        lap("sensitivities")
     searches = run_searches(c, problem, evaluator, metric_set.fitness, workdir, resume,
-                            [greedy.genome] if greedy is not None else [])
+                            start + ([greedy.genome] if greedy is not None else []), sens)
     lap("search")
     n_evals = sum(int((r.log["level"] >= 0).sum()) for r in searches.values())
     timing["candidates_per_second"] = n_evals / max(sum(float(r.log["seconds"].sum()) for r in searches.values()),

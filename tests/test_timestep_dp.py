@@ -1,0 +1,63 @@
+"""The timestep dynamic program (no model)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from tmpq_jax.search import timestep_dp as tdp
+from tmpq_jax.search.space import SearchSpace
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chain_dp_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 5, 4)
+    start = rng.random(sizes[0])
+    trans = [rng.random((sizes[j], sizes[j + 1])) for j in range(3)]
+    final = rng.random(sizes[-1])
+    path, total = tdp.chain_dp(start, trans, final)
+    best = min((start[p[0]] + sum(trans[j][p[j], p[j + 1]] for j in range(3)) + final[p[-1]], p)
+               for p in itertools.product(*(range(s) for s in sizes)))
+    assert total == pytest.approx(best[0], abs=1e-12) and tuple(path) == best[1]
+    assert len(path) == 4 and all(0 <= k < s for k, s in zip(path, sizes))  # one option per group
+
+
+def test_candidate_offsets_hold_the_seed_and_stay_inside_each_group():
+    space = SearchSpace.create(num_steps=10, num_sites=1)
+    offs = tdp.candidate_offsets(space, 8)
+    assert len(offs) == 10
+    for o, n in zip(offs, space.group_sizes):
+        assert o[0] == 0 and o[-1] == n - 1 and len(o) == min(8, n) and np.all(np.diff(o) > 0)
+    with pytest.raises(ValueError, match="per_group must be an integer >= 1, got 0"):
+        tdp.candidate_offsets(space, 0)
+
+
+def test_chain_dp_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="transition 0 has 3 sources"):
+        tdp.chain_dp(np.zeros(2), [np.zeros((3, 2))], np.zeros(2))
+
+
+def test_quantized_step_costs_vanish_along_the_teacher_at_full_precision(tiny):
+    """At 16 bits (pass-through) the step from the last candidate of a group to the first of the next is a step of
+    the fine teacher itself: zero error; steps that skip fine timesteps are not. At 4 bits no step is exact."""
+    from tmpq_jax import sampling
+
+    groups = [np.array([900, 700]), np.array([500, 400, 300]), np.array([100, 20])]
+    L = len(tiny.sites)
+    kw = tiny.spec.schedule.sampler_kwargs()
+
+    def costs(bits):
+        return sampling.quantized_step_costs(tiny.apply, tiny.sites, tiny.abar, tiny.params, tiny.tables,
+                                             np.full(L, bits), np.full(L, bits), groups, tiny.noise, tiny.labels, kw)
+
+    start, trans, final = costs(16)
+    assert start.tolist() == [0.0, 0.0] and [t.shape for t in trans] == [(2, 3), (3, 2)] and final.shape == (2,)
+    # measured: 0 up to float32 rounding; skipping steps costs more
+    assert trans[1][2, 0] < 1e-10 and final[1] < 1e-10  # 300 -> 100 and 20 -> the end are the teacher's steps
+    # every other step skips fine timesteps; the first group's sources start from the noise (as the sampler does),
+    # so none of them is the teacher's step 900 -> 700
+    skipping = np.concatenate([trans[0].ravel(), np.delete(trans[1].ravel(), 4), final[:1]])
+    assert skipping.min() > 5e-6  # measured: 1.5e-5 (100 -> the end, skipping 20) and up
+    _, q_trans, q_final = costs(4)
+    assert q_trans[1][2, 0] > 1e-6 and q_final[1] > 1e-6
