@@ -194,6 +194,7 @@ def test_local_search_end_to_end_counts_its_sensitivity_runs(tmp_path, fid_cache
     work = tmp_path / "run"
     out = _search(work, f"--config.fid_cache={fid_cache}", "--config.algorithm=local", "--config.reconstruct=False",
                   "--config.sensitivity_samples=4", "--config.report_metrics=('teacher_mse',)",
+                  "--config.knapsack_weights=(0.5,)", "--config.dp_per_group=3", "--config.dp_samples=4",
                   "--config.baselines=('greedy_bits',)")
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads((work / "results.json").read_text())
@@ -213,4 +214,6 @@ def test_local_search_end_to_end_counts_its_sensitivity_runs(tmp_path, fid_cache
     first = [h for h in r["history"] if h["generation"] == 0][0]
     assert first["feasible_fraction"] == 1.0
     assert r["best"]["within_budget"] and r["best"]["bitops"] <= r["budget_bitops"]
-    assert "knapsack (weights' share 0.5)" in out.stdout
+    assert "knapsack (weights' share 0.5)" in out.stdout and "timestep DP for the knapsack bits" in out.stdout
+    # the knapsack start, its DP schedule and greedy_bits fill the first population after the seed
+    assert r["timing"]["sensitivities_seconds"] > 0

@@ -255,3 +255,14 @@ def _evosax_state():
     from tmpq_jax.search.algorithm import EvosaxState
 
     return EvosaxState(None, None, jnp.asarray(0, jnp.int32))
+
+
+def test_a_space_seeded_at_other_timesteps_keeps_them_where_timesteps_are_frozen():
+    space = SearchSpace.create(4, 3)
+    sub = space.restrict(search_timesteps=False).with_seed_timesteps([2, 5, 0, 1])
+    assert np.asarray(sub.seed().timestep_idx).tolist() == [2, 5, 0, 1]
+    g = sub.random(jax.random.key(0))
+    assert np.asarray(g.timestep_idx).tolist() == [2, 5, 0, 1]  # frozen at the new seed, not DDIM-quad
+    assert np.asarray(space.seed().timestep_idx).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"one per group, inside the group sizes"):
+        space.with_seed_timesteps([0, 0, 0, 999])

@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sensitivity_probe_bits = (5,)  # probed lower choices per operand; the others from the 4^-b noise model
     c.sensitivity_samples = 8  # fitness samples per probe (the probes' sampler runs count in the search's total)
     c.knapsack_weights = (0.25, 0.5, 0.75)  # weights' share of the additive damage, one knapsack start each
+    c.dp_per_group = 8  # timestep DP on the quantized model (search/timestep_dp.py): candidate steps per group
+    c.dp_samples = 8  # ... and fitness samples of its one-step errors
     # fitness (selection) and reports: each on its own noise (DESIGN.md Sec. 5)
     c.metric = "teacher_mse"  # paired pixel MSE to the FP teacher; chosen by the fidelity panel (README "Which fitness")
     c.fitness_reference = "mnist-fitness"  # reference data of the fitness (1000 train digits)

@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from tmpq_jax import checkpoint, data, diffusion, models, quant, text
-from tmpq_jax.search import knapsack, local, operators, sensitivity
+from tmpq_jax import checkpoint, data, diffusion, models, quant, sampling, text
+from tmpq_jax.search import knapsack, local, operators, sensitivity, timestep_dp
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
@@ -145,6 +145,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          f"one or more of the lower bit choices {lower}")
     need("sensitivity_samples", isinstance(c.sensitivity_samples, int) and c.sensitivity_samples >= 2,
          "an integer >= 2")
+    for name in ("dp_per_group", "dp_samples"):
+        need(name, isinstance(c[name], int) and c[name] >= 1, "an integer >= 1")
     need("knapsack_weights", len(c.knapsack_weights) >= 1 and all(0.0 <= w <= 1.0 for w in c.knapsack_weights),
          "one or more weightings in [0, 1] (weights' share of the damage)")
 
@@ -540,6 +542,23 @@ def knapsack_start(c, problem: Problem, sens: Sensitivities) -> list[Genome]:
     return genomes
 
 
+def dp_timesteps(c, problem: Problem, evaluator: Evaluator, genome: Genome) -> Genome:
+    """The genome with the timesteps `timestep_dp.chain_dp` chooses for its bits: `dp_per_group` candidate offsets
+    per group, one-step errors of the quantized candidate against a fine FP teacher on `dp_samples` samples of the
+    fitness noise (N x dp_per_group quantized UNet passes)."""
+    space = problem.space
+    offs = timestep_dp.candidate_offsets(space, c.dp_per_group)
+    desc = [(np.asarray(space.starts[i]) + offs[i])[::-1] for i in reversed(range(space.num_steps))]
+    noise, labels = next(evaluator._batches(NoiseSet(c.noise_seed, "fitness", c.dp_samples)))
+    _, w_bits, a_bits = decode_np(space, jax.tree.map(lambda x: np.asarray(x)[None], genome))
+    start, trans, final = sampling.quantized_step_costs(
+        problem.apply_fn, problem.sites, evaluator.abar, problem.params, evaluator.tables, w_bits[0], a_bits[0], desc,
+        noise, labels, problem.spec.schedule.sampler_kwargs())
+    path, _ = timestep_dp.chain_dp(start, trans, final)  # sampling order: the top group first
+    idx = np.asarray([offs[i][::-1][path[space.num_steps - 1 - i]] for i in range(space.num_steps)], np.int32)
+    return genome.replace(timestep_idx=idx)
+
+
 # --- stage 5: searches ----------------------------------------------------------------------------------------------
 
 
@@ -762,6 +781,9 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     if c.algorithm == "local":
         sens = site_sensitivities(c, problem, evaluator, metric_set.fitness, workdir)
         start = knapsack_start(c, problem, sens)
+        if problem.space.search_timesteps and c.dp_per_group > 1:  # steps for the bits of the middle weighting
+            start.append(dp_timesteps(c, problem, evaluator, start[len(start) // 2]))
+            print(f"timestep DP for the knapsack bits: {decode_np(problem.space, start[-1])[0].tolist()}", flush=True)
         timing["sensitivity_runs"] = sens.runs
         lap("sensitivities")
     searches = run_searches(c, problem, evaluator, metric_set.fitness, workdir, resume,

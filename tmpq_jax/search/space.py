@@ -76,6 +76,7 @@ class SearchSpace:
     search_timesteps: bool = True
     search_bits: bool = True
     seed_bits: int = 6
+    seed_timestep_idx: tuple[int, ...] = ()  # the seed's offsets in each group; () = DDIM-quad (all 0)
 
     @classmethod
     def create(cls, num_steps: int, num_sites: int, bit_choices: Sequence[int] = (8, 7, 6, 5),
@@ -126,8 +127,17 @@ class SearchSpace:
     def seed(self) -> Genome:
         """DDIM-quad (first step of every group) at `seed_bits` everywhere."""
         b = self.bit_choices.index(self.seed_bits)
-        return Genome(jnp.zeros(self.num_steps, jnp.int32), jnp.full(self.num_sites, b, jnp.int32),
-                      jnp.full(self.num_sites, b, jnp.int32))
+        t = jnp.asarray(self.seed_timestep_idx, jnp.int32) if self.seed_timestep_idx else jnp.zeros(self.num_steps,
+                                                                                                    jnp.int32)
+        return Genome(t, jnp.full(self.num_sites, b, jnp.int32), jnp.full(self.num_sites, b, jnp.int32))
+
+    def with_seed_timesteps(self, timestep_idx) -> "SearchSpace":
+        """The same space seeded (and, where timesteps are frozen, fixed) at other offsets, one per group."""
+        idx = tuple(int(i) for i in np.asarray(timestep_idx).reshape(-1))
+        if len(idx) != self.num_steps or any(not 0 <= i < n for i, n in zip(idx, self.group_sizes)):
+            raise ValueError(f"seed timestep offsets {list(idx)} must be one per group, inside the group sizes "
+                             f"{self.group_sizes.tolist()}")
+        return dataclasses.replace(self, seed_timestep_idx=idx)
 
     def uniform_bits(self, bits: int) -> Genome:
         if bits not in self.bit_choices:

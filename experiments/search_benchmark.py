@@ -1,0 +1,234 @@
+"""The search benchmark (issue 17): every method at the same number of sampler runs, over seeds, on held-out noise.
+
+For each N in --num_steps and each seed in --seeds (the seed changes the search's random key and its fitness noise;
+the calibration tables are shared), every method gets --runs sampler runs on the fitness noise (a run = one
+candidate on `search_samples` samples; sensitivity probes on fewer samples cost less; `tmpq_jax.search.ledger`
+refuses a method that would exceed its runs). Methods:
+
+  local            sensitivities, knapsack start and its DP schedule, then the local search (algorithm 'local')
+  evolution        the reference GA (TMPQ-DM's operators), no warm start
+  greedy_bits      the greedy rule (2 runs)
+  knapsack         sensitivities and the knapsack start alone (best by fitness)
+  random           uniform random candidates, repaired into the budget
+  timestep_only    the reference GA over timesteps at uniform W{budget_bits}A{budget_bits}
+  precision_only   the reference GA over bits at DDIM-quad
+  steps_then_bits  the quantization-aware timestep DP at uniform bits, then the local search over bits at that schedule
+
+Each method's winner is its best by fitness after its top 3 are re-scored on the select noise (the same for all);
+winners and the incumbents after --anytime runs are sampled on report noise no search used (--heldout_samples,
+--heldout_seed) and scored against the held-out digits: Inception FID and classifier FD with 95% bootstrap intervals.
+Rows are saved as they finish and reused.
+
+python experiments/search_benchmark.py --num_steps 5,10 --seeds 0,1,2 --runs 150 \
+    --out benchmarks/search_benchmark_cpu.json
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import quant_quality as qq  # noqa: E402
+from tmpq_jax import data  # noqa: E402
+from tmpq_jax.search import run as run_mod  # noqa: E402
+from tmpq_jax.search.driver import SearchSettings, decode_np, evolve  # noqa: E402
+from tmpq_jax.search.fitness import NoiseSet, candidate_key, nan_to_inf  # noqa: E402
+from tmpq_jax.search.ledger import LedgerEvaluator, RunLedger  # noqa: E402
+
+METHODS = ("local", "evolution", "greedy_bits", "knapsack", "random", "timestep_only", "precision_only",
+           "steps_then_bits")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "experiments/configs/default.py", "Base config (model, calibration, fitness).")
+flags.DEFINE_list("num_steps", ["5", "10"], "N values.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Search seeds (random key and fitness noise).")
+flags.DEFINE_list("methods", list(METHODS), f"Methods, of {list(METHODS)}.")
+flags.DEFINE_integer("runs", 150, "Sampler runs on the fitness noise per method.")
+flags.DEFINE_list("anytime", ["25", "50", "100", "150"], "Run counts at which the incumbent is scored held-out.")
+flags.DEFINE_integer("heldout_samples", 500, "Report-noise samples per held-out score.")
+flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
+flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables, teachers and samples.")
+flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON.")
+
+
+def base_config(n: int):
+    c = qq.load_config(FLAGS.config, "split")  # the CPU default's calibration
+    c.num_steps = n
+    c.baselines = ()
+    return c
+
+
+class Method:
+    """One method's run: its evaluator (charged to a ledger of `runs`), problem and config."""
+
+    def __init__(self, c, problem, tables, metric, workdir: Path, runs: int):
+        self.c, self.problem, self.metric, self.workdir = c, problem, metric, workdir
+        inner = run_mod.make_evaluator(c, problem, tables)
+        self.fitness_set = NoiseSet(c.noise_seed, "fitness", c.search_samples)
+        self.ledger = RunLedger(runs, c.search_samples)
+        self.ev = LedgerEvaluator(inner, self.ledger, self.fitness_set, candidate_key)
+        self.candidates = {}
+
+    def score(self, space, pop):
+        ts, wb, ab = decode_np(space, pop)
+        out = nan_to_inf(self.ev.evaluate(ts, wb, ab, self.fitness_set, [self.metric])[:, 0])
+        for i in range(len(ts)):
+            self.candidates[candidate_key(ts[i], wb[i], ab[i])] = (ts[i], wb[i], ab[i])
+        return out
+
+    def generations_left(self, population: int) -> int:
+        return int((self.ledger.limit - self.ledger.spent) // population)
+
+    def evolve(self, name, algo, space, warm=(), refine=None):
+        settings = SearchSettings(self.c.noise_seed, (self.c.search_samples,), 1.0, self.c.max_redraw, self.c.seed)
+        g = self.generations_left(algo.population_size)
+        if g < 1:
+            return None
+        res = evolve(name, algo, space, self.problem.budget, self.ev, self.metric, settings, g, self.workdir,
+                     {"benchmark": name}, False, warm, refine)
+        flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), res.log["genomes"])
+        ts, wb, ab = decode_np(space, flat)
+        for i in range(len(ts)):
+            self.candidates[candidate_key(ts[i], wb[i], ab[i])] = (ts[i], wb[i], ab[i])
+        return res
+
+
+def dp_schedule(m: Method, genome):
+    """`run.dp_timesteps`, charged: 2 x dp_per_group runs' worth of UNet passes at dp_samples (the quantized step
+    from every candidate timestep and the fine FP teacher through them) per N steps."""
+    m.ledger.charge(2 * m.c.dp_per_group, m.c.dp_samples, "timestep DP")
+    return run_mod.dp_timesteps(m.c, m.problem, m.ev, genome)
+
+
+def run_method(name, m: Method):
+    c, problem = m.c, m.problem
+    space, budget = problem.space, problem.budget
+    if name == "greedy_bits":
+        run_mod.greedy_finalist(c, problem, m.ev, m.metric)
+    elif name == "random":
+        while m.generations_left(c.population_size) >= 1:
+            pop = jax.vmap(space.random)(jax.random.split(jax.random.fold_in(jax.random.key(c.seed), int(
+                m.ledger.spent)), c.population_size))
+            pop, _, ok = budget.repair(jax.tree.map(np.asarray, pop), space)
+            m.score(space, jax.tree.map(lambda x: x[ok], pop))
+    elif name in ("knapsack", "local", "steps_then_bits"):
+        m.c.algorithm = "local"
+        sens = run_mod.site_sensitivities(c, problem, m.ev, m.metric, m.workdir)
+        m.ledger.records.clear()  # probes are not candidates of the method
+        start = run_mod.knapsack_start(c, problem, sens)
+        fill = lambda p: run_mod.local.fill_genomes(p, budget, sens.w_damage, sens.a_damage)  # noqa: E731
+        if name == "knapsack":
+            m.score(space, jax.tree.map(lambda *x: np.stack(x), *start))
+        elif name == "local":
+            start.append(dp_schedule(m, start[len(start) // 2]))
+            m.evolve("local", run_mod.make_algorithm(c, space, tuple(problem.sites.paths)), space,
+                     start[: c.population_size - 1], fill)
+        else:
+            steps = dp_schedule(m, space.seed())
+            sub = space.restrict(search_timesteps=False).with_seed_timesteps(steps.timestep_idx)
+            warm = [g.replace(timestep_idx=steps.timestep_idx) for g in start][: c.population_size - 1]
+            m.evolve("steps_then_bits", run_mod.make_algorithm(c, sub, tuple(problem.sites.paths)), sub, warm, fill)
+    else:
+        c.algorithm = "evolution"
+        sub = run_mod.single_axis_space(space, name) if name in run_mod.SINGLE_AXIS else space
+        m.evolve(name, run_mod.make_algorithm(c, sub), sub)
+
+
+def winner(m: Method):
+    """Top 3 distinct by fitness, re-scored on the select noise; the best there."""
+    recs = sorted({k: f for _, k, f in m.ledger.records if np.isfinite(f)}.items(), key=lambda kv: kv[1])[:3]
+    if not recs:
+        return None
+    sel = NoiseSet(m.c.noise_seed, "select", m.c.select_samples)
+    arrs = [m.candidates[k] for k, _ in recs]
+    s = m.ev._inner.evaluate(*(np.stack(x) for x in zip(*arrs)), sel, [m.metric])[:, 0]
+    i = int(np.argmin(nan_to_inf(s)))
+    return recs[i][0], recs[i][1], float(s[i])
+
+
+def heldout(m: Method, key, scorer, cache: dict) -> dict:
+    if key not in cache:
+        ts, wb, ab = m.candidates[key]
+        noise = NoiseSet(FLAGS.heldout_seed, "report", FLAGS.heldout_samples)
+        unit = data.to_unit_range(m.ev._inner.sample(ts[None], wb[None], ab[None], noise)[0])
+        out = scorer(unit, None)
+        cache[key] = {k: out[k] for k in ("inception_fid", "classifier_fd")}
+    return cache[key]
+
+
+def main(argv):
+    del argv
+    out_path = Path(FLAGS.out)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    rows = result.setdefault("rows", {})
+    bad = [x for x in FLAGS.methods if x not in METHODS]
+    if bad:
+        raise ValueError(f"--methods has unknown {bad}; valid: {list(METHODS)}")
+    anytime = sorted(int(a) for a in FLAGS.anytime)
+    if any(a > FLAGS.runs or a < 1 for a in anytime):
+        raise ValueError(f"--anytime {anytime} must lie in [1, --runs={FLAGS.runs}]")
+    for n in (int(x) for x in FLAGS.num_steps):
+        c0 = base_config(n)
+        run_mod.validate_config(c0)
+        problem = run_mod.build_problem(c0)
+        work = Path(FLAGS.workdir) / f"N{n}"
+        work.mkdir(parents=True, exist_ok=True)
+        tables = run_mod.calibrate(c0, problem, work)
+        metric = run_mod.build_metrics(c0).fitness
+        scorer = qq.Scorer(c0, FLAGS.heldout_samples, FLAGS.bootstrap, FLAGS.heldout_seed)
+        scored: dict = {}
+        for seed in (int(s) for s in FLAGS.seeds):
+            for name in FLAGS.methods:
+                row_key = f"N{n}/seed{seed}/{name}"
+                if row_key in rows and rows[row_key].get("runs_limit") == FLAGS.runs:
+                    continue
+                c = c0.copy_and_resolve_references()
+                c.seed, c.noise_seed = seed, seed
+                wd = work / f"seed{seed}" / name
+                wd.mkdir(parents=True, exist_ok=True)
+                m = Method(c, problem, tables, metric, wd, FLAGS.runs)
+                run_mod.make_teachers(c, problem, m.ev._inner, run_mod.build_metrics(c), work / f"seed{seed}")
+                t0 = time.time()
+                run_method(name, m)
+                w = winner(m)
+                row = {"num_steps": n, "seed": seed, "method": name, "runs_limit": FLAGS.runs,
+                       "runs_spent": m.ledger.spent, "seconds": time.time() - t0}
+                if w is not None:
+                    ts, wb, ab = m.candidates[w[0]]
+                    row.update({"timesteps": ts.tolist(), "w_bits": wb.tolist(), "a_bits": ab.tolist(),
+                                "bitops": int(problem.budget.cost(wb, ab)), "fitness": w[1], "selection": w[2],
+                                "heldout": heldout(m, w[0], scorer, scored)})
+                    row["anytime"] = {}
+                    for a in anytime:
+                        inc = m.ledger.incumbent(a)
+                        row["anytime"][str(a)] = None if inc is None else {"fitness": inc[1],
+                                                                          **heldout(m, inc[0], scorer, scored)}
+                rows[row_key] = row
+                print(row_key, {k: row.get(k) for k in ("runs_spent", "fitness")},
+                      {k: v["value"] for k, v in row.get("heldout", {}).items()}, flush=True)
+                save(out_path, result)
+    save(out_path, result)
+
+
+def save(out_path: Path, result: dict) -> None:
+    result.update({
+        "config": FLAGS.config, "runs": FLAGS.runs,
+        "heldout_noise": NoiseSet(FLAGS.heldout_seed, "report", FLAGS.heldout_samples).describe(),
+        "reference": "mnist-heldout (500 held-out digits)", "interval": "95% bootstrap percentile, bias-shifted",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+        "command": "python experiments/search_benchmark.py " + " ".join(sys.argv[1:]),
+    })
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
