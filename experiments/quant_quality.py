@@ -26,8 +26,8 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import evaluate as ev_mod  # noqa: E402
-from tmpq_jax import data, diffusion, metrics as M, quant  # noqa: E402
+from experiments import heldout  # noqa: E402
+from tmpq_jax import data, diffusion, quant  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
@@ -55,15 +55,7 @@ flags.DEFINE_string("out", "benchmarks/calibration_mnist-small_cpu.json", "Outpu
 
 
 def load_config(path: str, stage: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    cfg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cfg)
-    c = cfg.get_config()
-    for k, v in STAGES[stage].items():
-        c[k] = v
-    return c
+    return heldout.load_config(path, **STAGES[stage])
 
 
 def schedule(name: str, problem) -> np.ndarray:
@@ -80,25 +72,6 @@ def schedule(name: str, problem) -> np.ndarray:
 def parse_bits(s: str) -> tuple[int, int]:
     w, a = (int(x) for x in s.split("/"))
     return w, a
-
-
-class Scorer:
-    def __init__(self, c, n, bootstrap, seed):
-        self.fx = ev_mod._Features(c, c.report_reference)
-        self.idx = M.bootstrap_indices(n, bootstrap, seed=seed)
-
-    def __call__(self, unit: np.ndarray, teacher_unit: np.ndarray | None) -> dict:
-        out = {}
-        for m in ("inception_fid", "classifier_fd"):
-            space = "inception" if m == "inception_fid" else "classifier"
-            f = self.fx.extract(space, unit)
-            fr = self.fx.frechet(space)
-            v, boots = fr.distance(f), fr.bootstrap(f, self.idx)
-            out[m] = {"value": ev_mod._num(v), **ev_mod._interval(v, boots)}
-        if teacher_unit is not None:
-            d = np.mean(((unit - teacher_unit) * 2.0) ** 2, axis=(1, 2, 3))  # per sample, [-1, 1] pixels
-            out["teacher_mse"] = {"value": float(d.mean()), **ev_mod._interval(d.mean(), d[self.idx].mean(1))}
-        return out
 
 
 def main(argv):
@@ -122,7 +95,7 @@ def main(argv):
         result.setdefault("calibration_seconds", {})[stage] = meta.get("seconds", time.time() - t0)
         calib = cache_tag(meta["cache_key"])  # the calibration settings a row was sampled under
         evaluator = run_mod.make_evaluator(c, problem, tables)
-        scorer = scorer or Scorer(c, FLAGS.num_samples, FLAGS.bootstrap, FLAGS.noise_seed)
+        scorer = scorer or heldout.Scorer(c, FLAGS.num_samples, FLAGS.bootstrap, FLAGS.noise_seed)
         for sched_name in FLAGS.schedules:
             ts = schedule(sched_name, problem)
             if sched_name not in fp_images:

@@ -35,12 +35,12 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import quant_quality as qq  # noqa: E402
+from experiments import heldout as ho  # noqa: E402
 from tmpq_jax import data  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import SearchSettings, decode_np, evolve  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet, candidate_key, nan_to_inf  # noqa: E402
-from tmpq_jax.search.ledger import LedgerEvaluator, RunLedger  # noqa: E402
+from tmpq_jax.search.ledger import BudgetExceeded, LedgerEvaluator, RunLedger  # noqa: E402
 
 METHODS = ("local", "evolution", "greedy_bits", "knapsack", "random", "timestep_only", "precision_only",
            "steps_then_bits")
@@ -60,7 +60,7 @@ flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON.
 
 
 def base_config(n: int):
-    c = qq.load_config(FLAGS.config, "split")  # the CPU default's calibration
+    c = ho.load_config(FLAGS.config, reconstruct=False)  # the CPU default's calibration
     c.num_steps = n
     c.baselines = ()
     return c
@@ -75,14 +75,11 @@ class Method:
         self.fitness_set = NoiseSet(c.noise_seed, "fitness", c.search_samples)
         self.ledger = RunLedger(runs, c.search_samples)
         self.ev = LedgerEvaluator(inner, self.ledger, self.fitness_set, candidate_key)
-        self.candidates = {}
+        self.candidates = self.ev.candidates
 
     def score(self, space, pop):
         ts, wb, ab = decode_np(space, pop)
-        out = nan_to_inf(self.ev.evaluate(ts, wb, ab, self.fitness_set, [self.metric])[:, 0])
-        for i in range(len(ts)):
-            self.candidates[candidate_key(ts[i], wb[i], ab[i])] = (ts[i], wb[i], ab[i])
-        return out
+        return nan_to_inf(self.ev.evaluate(ts, wb, ab, self.fitness_set, [self.metric])[:, 0])
 
     def generations_left(self, population: int) -> int:
         return int((self.ledger.limit - self.ledger.spent) // population)
@@ -92,13 +89,8 @@ class Method:
         g = self.generations_left(algo.population_size)
         if g < 1:
             return None
-        res = evolve(name, algo, space, self.problem.budget, self.ev, self.metric, settings, g, self.workdir,
-                     {"benchmark": name}, False, warm, refine)
-        flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), res.log["genomes"])
-        ts, wb, ab = decode_np(space, flat)
-        for i in range(len(ts)):
-            self.candidates[candidate_key(ts[i], wb[i], ab[i])] = (ts[i], wb[i], ab[i])
-        return res
+        return evolve(name, algo, space, self.problem.budget, self.ev, self.metric, settings, g, self.workdir,
+                      {"benchmark": name}, False, warm, refine)
 
 
 def dp_schedule(m: Method, genome):
@@ -183,7 +175,7 @@ def main(argv):
         work.mkdir(parents=True, exist_ok=True)
         tables = run_mod.calibrate(c0, problem, work)
         metric = run_mod.build_metrics(c0).fitness
-        scorer = qq.Scorer(c0, FLAGS.heldout_samples, FLAGS.bootstrap, FLAGS.heldout_seed)
+        scorer = ho.Scorer(c0, FLAGS.heldout_samples, FLAGS.bootstrap, FLAGS.heldout_seed)
         scored: dict = {}
         for seed in (int(s) for s in FLAGS.seeds):
             for name in FLAGS.methods:
@@ -197,10 +189,15 @@ def main(argv):
                 m = Method(c, problem, tables, metric, wd, FLAGS.runs)
                 run_mod.make_teachers(c, problem, m.ev._inner, run_mod.build_metrics(c), work / f"seed{seed}")
                 t0 = time.time()
-                run_method(name, m)
+                stopped = None
+                try:
+                    run_method(name, m)
+                except BudgetExceeded as e:  # the method's next step did not fit: it ends with what it scored
+                    stopped = str(e)
+                    print(f"{row_key}: stopped: {e}", flush=True)
                 w = winner(m)
                 row = {"num_steps": n, "seed": seed, "method": name, "runs_limit": FLAGS.runs,
-                       "runs_spent": m.ledger.spent, "seconds": time.time() - t0}
+                       "runs_spent": m.ledger.spent, "seconds": time.time() - t0, "stopped": stopped}
                 if w is not None:
                     ts, wb, ab = m.candidates[w[0]]
                     row.update({"timesteps": ts.tolist(), "w_bits": wb.tolist(), "a_bits": ab.tolist(),

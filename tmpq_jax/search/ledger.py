@@ -52,6 +52,7 @@ class LedgerEvaluator:
 
     def __init__(self, inner, ledger: RunLedger, fitness_set, candidate_key):
         self._inner, self.ledger, self.fitness_set, self._key = inner, ledger, fitness_set, candidate_key
+        self.candidates = {}  # key -> (timesteps, w_bits, a_bits) of every candidate recorded
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -69,4 +70,5 @@ class LedgerEvaluator:
             for i, k in enumerate(keys):
                 if ok[i]:
                     self.ledger.record(k, out[i, 0])
+                    self.candidates[k] = (ts[i], wb[i], ab[i])
         return out
