@@ -112,7 +112,6 @@ def run_method(name, m: Method):
             pop, _, ok = budget.repair(jax.tree.map(np.asarray, pop), space)
             m.score(space, jax.tree.map(lambda x: x[ok], pop))
     elif name in ("knapsack", "local", "steps_then_bits"):
-        m.c.algorithm = "local"
         sens = run_mod.site_sensitivities(c, problem, m.ev, m.metric, m.workdir)
         m.ledger.records.clear()  # probes are not candidates of the method
         start = run_mod.knapsack_start(c, problem, sens)
@@ -129,7 +128,6 @@ def run_method(name, m: Method):
             warm = [g.replace(timestep_idx=steps.timestep_idx) for g in start][: c.population_size - 1]
             m.evolve("steps_then_bits", run_mod.make_algorithm(c, sub, tuple(problem.sites.paths)), sub, warm, fill)
     else:
-        c.algorithm = "evolution"
         sub = run_mod.single_axis_space(space, name) if name in run_mod.SINGLE_AXIS else space
         m.evolve(name, run_mod.make_algorithm(c, sub), sub)
 
@@ -184,6 +182,7 @@ def main(argv):
                     continue
                 c = c0.copy_and_resolve_references()
                 c.seed, c.noise_seed = seed, seed
+                c.algorithm = "local" if name in ("knapsack", "local", "steps_then_bits") else "evolution"
                 wd = work / f"seed{seed}" / name
                 wd.mkdir(parents=True, exist_ok=True)
                 m = Method(c, problem, tables, metric, wd, FLAGS.runs)

@@ -185,6 +185,7 @@ def test_search_with_inception_fid_as_fitness(tmp_path, fid_cache):
     assert r["best"]["search"]["fitness"] > 0 and r["best"]["report"]["classifier_fd"]["value"] > 0
 
 
+@pytest.mark.slow  # 283 s here (217 sensitivity probes on the tiny config); the pieces have fast tests of their own
 def test_local_search_end_to_end_counts_its_sensitivity_runs(tmp_path, fid_cache):
     """The tiny search with algorithm='local': sensitivities cached in the workdir and counted, the knapsack
     start in the first population, every candidate within the budget."""

@@ -480,6 +480,8 @@ def make_teachers(c, problem: Problem, evaluator: Evaluator, metric_set: MetricS
     if metric_set.fitness.paired:
         need += [NoiseSet(c.noise_seed, "fitness", n) for n in (tuple(c.fidelity_samples) or (c.search_samples,))]
         need.append(sets["select"])
+        if c.algorithm == "local":  # the sensitivity probes' fitness noise
+            need.append(NoiseSet(c.noise_seed, "fitness", c.sensitivity_samples))
     need.append(sets["report"])  # the FP reference row of the report
     return {s: teacher_images(c, problem, evaluator, s, workdir) for s in dict.fromkeys(need)}
 
