@@ -52,6 +52,8 @@ flags.DEFINE_integer("noise_seed", 7, "Seed of the report noise (the search repo
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% intervals.")
 flags.DEFINE_string("workdir", "runs/calibration", "Tables (one folder per stage) and sampled rows.")
 flags.DEFINE_string("out", "benchmarks/calibration_mnist-small_cpu.json", "Output JSON.")
+flags.DEFINE_bool("sample_only", False, "Calibrate and sample every row into --workdir without scoring (e.g. on an "
+                  "accelerator without the Inception weights); a later run on that workdir scores the saved images.")
 
 
 def load_config(path: str, stage: str):
@@ -95,7 +97,8 @@ def main(argv):
         result.setdefault("calibration_seconds", {})[stage] = meta.get("seconds", time.time() - t0)
         calib = cache_tag(meta["cache_key"])  # the calibration settings a row was sampled under
         evaluator = run_mod.make_evaluator(c, problem, tables)
-        scorer = scorer or heldout.Scorer(c, FLAGS.num_samples, FLAGS.bootstrap, FLAGS.noise_seed)
+        if not FLAGS.sample_only:
+            scorer = scorer or heldout.Scorer(c, FLAGS.num_samples, FLAGS.bootstrap, FLAGS.noise_seed)
         for sched_name in FLAGS.schedules:
             ts = schedule(sched_name, problem)
             if sched_name not in fp_images:
@@ -104,14 +107,14 @@ def main(argv):
                                                    {"model": problem.checkpoint_sha, "noise": noise_set.describe(),
                                                     "timesteps": ts.tolist()})
                 key = f"{sched_name}/fp32"
-                if key not in rows:
+                if key not in rows and not FLAGS.sample_only:
                     rows[key] = {"schedule": sched_name, "timesteps": ts.tolist(), "bits": "fp32",
                                  **scorer(fp_images[sched_name], fp_images[sched_name])}
                     save(out_path, result, rows)
             bit_list = FLAGS.bits_100 if (len(ts) > 20 and FLAGS.bits_100) else FLAGS.bits
             for bits in bit_list:
                 key = f"{sched_name}/{stage}/w{bits.replace('/', 'a')}"
-                if key in rows and rows[key].get("calibration") == calib:
+                if key in rows and rows[key].get("calibration") == calib and not FLAGS.sample_only:
                     continue
                 if key in rows:
                     print(f"{key}: sampled under other calibration settings; resampling", flush=True)
@@ -122,12 +125,16 @@ def main(argv):
                                   lambda: evaluator.sample(ts[None], wv, av, noise_set)[0],
                                   {"tables": meta["sha256"], "noise": noise_set.describe(), "timesteps": ts.tolist(),
                                    "bits": [w, a], "sample_batch": c.sample_batch})
+                if FLAGS.sample_only:
+                    print(f"{key}: sampled in {time.time() - t1:.0f} s", flush=True)
+                    continue
                 rows[key] = {"schedule": sched_name, "stage": stage, "bits": f"W{w}A{a}", "calibration": calib,
                              "bitops": quant.bitops(problem.sites, wv[0], av[0], len(ts)),
                              "sample_seconds": time.time() - t1, **scorer(unit, fp_images[sched_name])}
                 print(key, {m: rows[key][m]["value"] for m in METRICS}, flush=True)
                 save(out_path, result, rows)
-    save(out_path, result, rows)
+    if not FLAGS.sample_only:
+        save(out_path, result, rows)
 
 
 def images_for(path: Path, sample, key: dict) -> np.ndarray:
