@@ -39,3 +39,25 @@ def test_layout_is_the_documented_one():
 def test_bad_input_is_a_named_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7, 8])
+@pytest.mark.parametrize("rounding", ["nearest", "learned"])
+def test_exported_codes_times_scales_equal_the_simulated_kernel_exactly(bits, rounding):
+    """The export's codes and per-channel scales (engine.kernel_codes) are what the search's QDQ multiplies back."""
+    import jax.numpy as jnp
+
+    from tmpq_jax.quant.engine import kernel_codes, quantize_kernel
+
+    rng = np.random.default_rng(bits)
+    w = jnp.asarray(rng.normal(size=(3, 3, 5, 7)).astype(np.float32))
+    clip = jnp.asarray(np.abs(np.asarray(w)).max(axis=(0, 1, 2)) * 0.8)  # clipping on: codes reach +-qmax
+    packed = None
+    if rounding == "learned":
+        packed = jnp.asarray(np.packbits(rng.integers(0, 2, w.size).astype(np.uint8)))
+    codes, scale = kernel_codes(w, clip, jnp.int32(bits), packed)
+    sim = quantize_kernel(w, clip, jnp.int32(bits), packed)
+    qmax = 2 ** (bits - 1) - 1
+    assert codes.dtype == jnp.int32 and int(jnp.abs(codes).max()) == qmax
+    np.testing.assert_array_equal(np.asarray(codes).astype(np.float32) * np.asarray(scale), np.asarray(sim))
+    np.testing.assert_array_equal(unpack_codes(pack_codes(np.asarray(codes), bits), bits, codes.shape), codes)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tmpq_jax.quant.calibrate import QuantTables, group_of, split_parts
 from tmpq_jax.quant.fake_quant import (PASSTHROUGH_BITS, check_bits, qdq_asymmetric, qdq_symmetric,
-                                       qdq_symmetric_rounded)
+                                       qdq_symmetric_rounded, symmetric_codes)
 from tmpq_jax.quant.sites import SiteTable, kernel_key, make_interceptor
 
 STRATEGIES = ("auto", "loop", "vmap", "map", "sharded")
@@ -123,6 +123,14 @@ def gather_candidate(tables: QuantTables, sites: SiteTable, w_bits: jax.Array, a
 def unpack_rounding(packed: jax.Array, shape) -> jax.Array:
     """Packed rounding bits (ceil(K / 8),) uint8 -> {0, 1} of `shape` (K entries; numpy's big-endian bit order)."""
     return jnp.unpackbits(packed, count=int(np.prod(shape))).reshape(shape)
+
+
+def kernel_codes(w: jax.Array, clip: jax.Array, bits: jax.Array, packed_round: jax.Array | None = None):
+    """(integer codes int32, per-output-channel scale f32) of one kernel: what `quantize_kernel` multiplies back,
+    for export (codes x scale equals its output exactly below 16 bits)."""
+    up = None if packed_round is None else unpack_rounding(packed_round, w.shape)
+    codes, scale = symmetric_codes(w, clip, bits, up)
+    return codes.astype(jnp.int32), scale
 
 
 def quantize_kernel(w: jax.Array, clip: jax.Array, bits: jax.Array, packed_round: jax.Array | None = None):

@@ -42,26 +42,28 @@ def _ste_round(x):
     return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
-def qdq_symmetric(x: jax.Array, clip: jax.Array, bits: jax.Array) -> jax.Array:
-    """Symmetric signed QDQ on the grid scale * {-qmax..qmax}, scale = clip / qmax, qmax = 2^(b-1) - 1.
-
-    `clip` broadcasts against x (per output channel for weights: shape (C_out,) against (..., C_out)).
-    """
+def symmetric_codes(x: jax.Array, clip: jax.Array, bits: jax.Array, up: jax.Array | None = None):
+    """(codes, scale) of the symmetric signed quantizer: codes in {-qmax..qmax} (floats holding integers),
+    scale = clip / qmax, qmax = 2^(b-1) - 1; codes = round(x / scale) (straight-through), or floor(x / scale) + up
+    with a given rounding `up` in [0, 1] (AdaRound's h(V), Nagel et al. 2020, eq. 22). `clip` broadcasts against x
+    (per output channel for weights). Simulation (`qdq_symmetric*`) and export share this function."""
     bits = jnp.asarray(bits)
     qmax = jnp.exp2(bits.astype(x.dtype) - 1.0) - 1.0
     scale = jnp.maximum(jnp.asarray(clip, x.dtype), jnp.finfo(x.dtype).tiny) / qmax
-    q = jnp.clip(_ste_round(x / scale), -qmax, qmax) * scale
-    return jnp.where(bits >= PASSTHROUGH_BITS, x, q)
+    r = _ste_round(x / scale) if up is None else jnp.floor(x / scale) + up.astype(x.dtype)
+    return jnp.clip(r, -qmax, qmax), scale
+
+
+def qdq_symmetric(x: jax.Array, clip: jax.Array, bits: jax.Array) -> jax.Array:
+    """Symmetric signed QDQ on the grid scale * {-qmax..qmax} (`symmetric_codes`); 16 bits pass through."""
+    codes, scale = symmetric_codes(x, clip, bits)
+    return jnp.where(jnp.asarray(bits) >= PASSTHROUGH_BITS, x, codes * scale)
 
 
 def qdq_symmetric_rounded(x: jax.Array, clip: jax.Array, bits: jax.Array, up: jax.Array) -> jax.Array:
-    """`qdq_symmetric` with a given rounding: q = clip(floor(x / scale) + up, -qmax, qmax), `up` in [0, 1] (AdaRound's
-    h(V), Nagel et al. 2020, eq. 22; {0, 1} once learned)."""
-    bits = jnp.asarray(bits)
-    qmax = jnp.exp2(bits.astype(x.dtype) - 1.0) - 1.0
-    scale = jnp.maximum(jnp.asarray(clip, x.dtype), jnp.finfo(x.dtype).tiny) / qmax
-    q = jnp.clip(jnp.floor(x / scale) + up.astype(x.dtype), -qmax, qmax) * scale
-    return jnp.where(bits >= PASSTHROUGH_BITS, x, q)
+    """`qdq_symmetric` with a given rounding `up` (learned, {0, 1} once learned)."""
+    codes, scale = symmetric_codes(x, clip, bits, up)
+    return jnp.where(jnp.asarray(bits) >= PASSTHROUGH_BITS, x, codes * scale)
 
 
 def qdq_asymmetric(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
