@@ -1,7 +1,8 @@
-"""The timestep dynamic program (no model)."""
+"""The timestep dynamic program: the chain itself without a model, its costs and glue on the tiny UNet."""
 
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
@@ -61,3 +62,27 @@ def test_quantized_step_costs_vanish_along_the_teacher_at_full_precision(tiny):
     assert skipping.min() > 5e-6  # measured: 1.5e-5 (100 -> the end, skipping 20) and up
     _, q_trans, q_final = costs(4)
     assert q_trans[1][2, 0] > 1e-6 and q_final[1] > 1e-6
+
+
+def test_dp_timesteps_returns_one_step_per_group_and_keeps_the_bits(tiny):
+    """run.dp_timesteps on the tiny UNet: a genome of the space with new offsets, its bits unchanged."""
+    import ml_collections
+
+    from tmpq_jax.search import run as run_mod
+    from tmpq_jax.search.budget import Budget
+    from tmpq_jax.search.fitness import Evaluator
+
+    L = len(tiny.sites)
+    space = SearchSpace.create(num_steps=3, num_sites=L, bit_choices=(8, 6, 4, 2), seed_bits=6)
+    problem = run_mod.Problem(tiny.spec, tiny.apply, tiny.params, tiny.sites, space,
+                              Budget.create(tiny.sites, space), "sha")
+    ev = Evaluator(tiny.apply, tiny.sites, tiny.params, tiny.tables, tiny.spec.sample_shape, tiny.spec.num_classes,
+                   strategy="loop", schedule=tiny.spec.schedule)
+    c = ml_collections.ConfigDict(dict(dp_per_group=4, dp_samples=2, noise_seed=0))
+    g = run_mod.dp_timesteps(c, problem, ev, jax.tree.map(np.asarray, space.seed()))
+    idx = np.asarray(g.timestep_idx)
+    assert idx.shape == (3,) and np.all((idx >= 0) & (idx < space.group_sizes))
+    allowed = tdp.candidate_offsets(space, 4)
+    assert all(i in a for i, a in zip(idx, allowed))
+    np.testing.assert_array_equal(g.w_bit_idx, space.seed().w_bit_idx)
+    assert ev.sampled == 0  # one-step errors only: no candidate sampling run
