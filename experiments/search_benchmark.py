@@ -115,7 +115,7 @@ def run_method(name, m: Method):
         sens = run_mod.site_sensitivities(c, problem, m.ev, m.metric, m.workdir)
         m.ledger.records.clear()  # probes are not candidates of the method
         start = run_mod.knapsack_start(c, problem, sens)
-        fill = lambda p: run_mod.local.fill_genomes(p, budget, sens.w_damage, sens.a_damage)  # noqa: E731
+        fill = run_mod.local.make_fill(budget, sens.w_damage, sens.a_damage)
         if name == "knapsack":
             m.score(space, jax.tree.map(lambda *x: np.stack(x), *start))
         elif name == "local":

@@ -42,11 +42,12 @@ def test_local_search_improves_a_synthetic_additive_fitness_toward_the_knapsack_
              + np.take_along_axis(np.broadcast_to(da, (len(a), *da.shape)), a[..., None], -1)[..., 0].sum(-1))
         return np.where(b.cost(*b.bits_of(pop)) <= b.limit, f, np.inf)
 
+    fill = local.make_fill(b, dw, da)
     bests = []
     for gen in range(15):
         pop, state = ask(jax.random.fold_in(key, gen), state)
         pop, _, _ = b.repair(jax.tree.map(np.asarray, pop), SPACE)
-        pop = local.fill_genomes(pop, b, dw, da)
+        pop = fill(pop)
         assert np.all(b.cost(*b.bits_of(pop)) <= b.limit)
         state = tell(key, jax.tree.map(jnp.asarray, pop), jnp.asarray(fitness(pop), jnp.float32), state)
         bests.append(float(state.top_fitness[0]))
@@ -60,7 +61,7 @@ def test_fill_genomes_spends_left_budget_and_never_exceeds_it():
     b = budget()
     dw, da = damages()
     low = jax.tree.map(lambda x: np.asarray(x)[None], SPACE.uniform_bits(5))
-    filled = local.fill_genomes(low, b, dw, da)
+    filled = local.make_fill(b, dw, da)(low)
     c_low, c_filled = b.cost_of(low)[0], b.cost_of(filled)[0]
     assert c_low < c_filled <= b.limit
     w_idx, a_idx, costs = knapsack.site_options(b)

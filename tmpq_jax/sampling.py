@@ -69,11 +69,8 @@ def quantized_step_costs(apply_fn: Callable, sites: SiteTable, abar: jax.Array, 
     if np.any(np.diff(fine) >= 0):
         raise ValueError("group timesteps must be strictly descending across groups, in sampling order")
     abar = jnp.asarray(abar, noise.dtype)
-    _, traj = jax.jit(lambda p, ts, z, y: diffusion.ddim_sample(lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z,
-                                                                y, return_trajectory=True, **(sampler_kwargs or {})))(
-        params, jnp.asarray(fine), noise, labels)
-    final_fp = jax.jit(lambda p, ts, z, y: diffusion.ddim_sample(lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z,
-                                                                 y, **(sampler_kwargs or {})))(
+    final_fp, traj = jax.jit(lambda p, ts, z, y: diffusion.ddim_sample(
+        lambda x, t, yy: apply_fn(p, x, t, yy), abar, ts, z, y, return_trajectory=True, **(sampler_kwargs or {})))(
         params, jnp.asarray(fine), noise, labels)
     states = dict(zip(fine.tolist(), traj.x))  # the teacher's input at each fine timestep
     cand = quant.gather_candidate(tables, sites, jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32))

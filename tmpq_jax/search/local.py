@@ -6,7 +6,7 @@ random top-k parents, `num_crossover` block-wise crossovers of two parents, and 
 mutants; the driver puts the warm start (knapsack solutions, greedy_bits, single-axis bests) into its last rows.
 Parents are the top-k of everything evaluated (as `EvolutionSearch.tell`).
 
-On the host, `fill_genomes` spends budget a repaired genome left unused: the exact knapsack fill
+On the host, `make_fill` spends budget a repaired genome left unused: the exact knapsack fill
 (`knapsack.fill`) with the additive damage of the sensitivities, raising the operands whose damage per BitOP is
 largest while the exact cost fits.
 """
@@ -65,19 +65,24 @@ class LocalSearch(EvolutionSearch):
         return jax.tree.map(lambda a, b: jnp.where(state.generation == 0, a, b), first, later), state
 
 
-def fill_genomes(pop: Genome, budget: Budget, w_damage: np.ndarray, a_damage: np.ndarray,
-                 weight: float = 0.5) -> Genome:
-    """Each genome's bits after the exact knapsack fill (`knapsack.fill`) under the budget; timesteps unchanged.
-    Genomes over the budget are returned unchanged (repair them first)."""
+def make_fill(budget: Budget, w_damage: np.ndarray, a_damage: np.ndarray, weight: float = 0.5):
+    """fill(pop) -> pop: each genome's bits after the exact knapsack fill (`knapsack.fill`) under the budget;
+    timesteps unchanged, genomes over the budget unchanged (repair them first). The options and their damage are
+    built once here, not per generation."""
     w_idx, a_idx, costs = knapsack.site_options(budget)
     damage = knapsack.additive_damage(w_damage, a_damage, w_idx, a_idx, budget, weight)
     nb = len(budget.bit_choices)
-    w, a = np.array(pop.w_bit_idx, np.int64, copy=True), np.array(pop.a_bit_idx, np.int64, copy=True)
-    rows = np.arange(w.shape[-1])
-    for i in range(len(w)):
-        choice = w[i] * nb + a[i]  # site_options enumerates (w, a) in row-major order
-        if costs[rows, choice].sum() > budget.limit:
-            continue
-        choice = knapsack.fill(costs, damage, budget.limit, choice)
-        w[i], a[i] = w_idx[choice], a_idx[choice]
-    return pop.replace(w_bit_idx=w.astype(np.int32), a_bit_idx=a.astype(np.int32))
+    rows = np.arange(costs.shape[0])
+
+    def fill(pop: Genome) -> Genome:
+        w, a = np.array(pop.w_bit_idx, np.int64, copy=True), np.array(pop.a_bit_idx, np.int64, copy=True)
+        for i in range(len(w)):
+            choice = w[i] * nb + a[i]  # site_options enumerates (w, a) in row-major order
+            if costs[rows, choice].sum() > budget.limit:
+                continue
+            choice = knapsack.fill(costs, damage, budget.limit, choice)
+            w[i], a[i] = w_idx[choice], a_idx[choice]
+        return pop.replace(w_bit_idx=w.astype(np.int32), a_bit_idx=a.astype(np.int32))
+
+    return fill
+

@@ -578,16 +578,16 @@ def run_searches(c, problem: Problem, evaluator: Evaluator, metric: Metric, work
     """Single-axis searches (each repairs within its own space), then the joint search, warm-started from their
     bests and `warm_extra` if configured. A single-axis space whose seed cannot meet the budget is skipped and
     recorded as infeasible by the baselines stage. With sensitivities, every repaired genome of a space that
-    searches bits also gets the exact knapsack fill of the budget it left (`local.fill_genomes`)."""
+    searches bits also gets the exact knapsack fill of the budget it left (`local.make_fill`)."""
     fp = fingerprint(c, problem.checkpoint_sha)
     settings = search_settings(c)
     paths = tuple(problem.sites.paths)
     out = {}
 
+    fill = local.make_fill(problem.budget, sens.w_damage, sens.a_damage) if sens is not None else None
+
     def refine(space):
-        if sens is None or not space.search_bits:
-            return None
-        return lambda pop: local.fill_genomes(pop, problem.budget, sens.w_damage, sens.a_damage)
+        return fill if space.search_bits else None
     for name in [b for b in c.baselines if b in SINGLE_AXIS]:
         sub = single_axis_space(problem.space, name)
         if not SINGLE_AXIS[name]["search_bits"] and not problem.budget.is_feasible(sub.seed()):
