@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from tmpq_jax import diffusion, models, quant, sampling
-from tmpq_jax.benchmark import environment, timed
+from tmpq_jax.benchmark import environment, random_params, timed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "mnist-small", "Model config name.")
@@ -36,23 +36,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model and params
 flags.DEFINE_enum("init", "auto", ["auto", "model", "random"], "Params: the model's initialisers ('model'), or "
                   "scaled random normals from `jax.eval_shape` shapes ('random': no init compile, for 860M-param "
                   "UNets); 'auto' = random above 100M params.")
-
-
-def random_params(shapes, key, dtype):
-    """N(0, 1/fan_in) kernels, zero biases, unit norm scales: enough for timing, never an init of the model."""
-    leaves, tree = jax.tree.flatten_with_path(shapes)
-    out = []
-    for i, (path, s) in enumerate(leaves):
-        name = str(path[-1])
-        if "scale" in name:
-            out.append(jnp.ones(s.shape, dtype))
-        elif "bias" in name or len(s.shape) < 2:
-            out.append(jnp.zeros(s.shape, dtype))
-        else:
-            fan_in = max(1, int(np.prod(s.shape[:-1])))
-            out.append((jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.float32) / np.sqrt(fan_in))
-                       .astype(dtype))
-    return jax.tree.unflatten(tree, out)
 
 
 def main(argv):

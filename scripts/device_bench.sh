@@ -18,3 +18,7 @@ timeout ${SD_TIMEOUT:-240} python3 experiments/bench_population.py --model sd-1.
 # FID feature extraction: random weights of the real shapes (the converted weights exceed the carry limit)
 timeout ${FID_TIMEOUT:-120} python3 experiments/bench_fid.py --random_weights --batches 64,256 --sizes 32x3 \
   --precisions highest,default --out $OUT/fid_features.json 2>&1 | grep -v -i "warn"
+# Deployment (issue 18): FP32 / dequant / int latency and memory of random-weight W8A8 checkpoints of the CIFAR-10
+# and SD 1.x shapes (bf16 rows added on accelerators); which sites the int mode runs on integers is in the JSON
+timeout ${DEPLOY_TIMEOUT:-300} python3 experiments/bench_deploy.py --random ddpm-cifar10-32,sd-1.x --repeats 20 \
+  --random_steps 10 --out $OUT/deploy_shapes.json 2>&1 | grep -v -i "warn\|transformers"

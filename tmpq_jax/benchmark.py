@@ -6,6 +6,7 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -29,3 +30,20 @@ def environment() -> dict:
     d = jax.devices()[0]
     return {"device": d.device_kind, "platform": d.platform, "device_count": jax.device_count(),
             "jax": jax.__version__, "flax": flax.__version__, "host": platform.node()}
+
+
+def random_params(shapes, key, dtype):
+    """N(0, 1/fan_in) kernels, zero biases, unit norm scales: enough for timing, never an init of the model."""
+    leaves, tree = jax.tree.flatten_with_path(shapes)
+    out = []
+    for i, (path, s) in enumerate(leaves):
+        name = str(path[-1])
+        if "scale" in name:
+            out.append(jnp.ones(s.shape, dtype))
+        elif "bias" in name or len(s.shape) < 2:
+            out.append(jnp.zeros(s.shape, dtype))
+        else:
+            fan_in = max(1, int(np.prod(s.shape[:-1])))
+            out.append((jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.float32) / np.sqrt(fan_in))
+                       .astype(dtype))
+    return jax.tree.unflatten(tree, out)

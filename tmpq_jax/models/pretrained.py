@@ -242,6 +242,45 @@ def _convert(arr: np.ndarray, leaf: str, shape: tuple[int, ...]) -> np.ndarray |
     return out if tuple(out.shape) == tuple(shape) else None
 
 
+def flax_target(torch_key: str, expected: Mapping[tuple[str, ...], Any]) -> tuple[str, ...] | None:
+    """The Flax leaf path (a key of `expected`) that a PyTorch tensor name fills, or None (`torch_to_flax`'s rule:
+    `.weight` becomes kernel, scale, embedding or weight, whichever `expected` holds)."""
+    mod, _, leaf = torch_key.rpartition(".")
+    path = flax_path(mod)
+    if leaf == "weight":
+        return next((path + (n,) for n in _WEIGHT_LEAVES if path + (n,) in expected), None)
+    return path + (leaf,) if path + (leaf,) in expected else None
+
+
+def flax_to_torch(params: Any, torch_shapes: Mapping[str, tuple[int, ...]],
+                  rename: Callable[[str], str] | None = None, where: str = "") -> dict[str, np.ndarray]:
+    """The inverse of `torch_to_flax`: float32 arrays named and laid out as the PyTorch state dict whose names and
+    shapes are `torch_shapes` (conv HWIO -> OIHW, linear transposed, Dense <-> 1x1 conv reshaped). Every PyTorch
+    name must map to a distinct Flax leaf and every Flax leaf must be used; else one WeightsError."""
+    flat = flatten_dict(dict(params))
+    out, used, problems = {}, set(), []
+    for key, shape in torch_shapes.items():
+        target = flax_target(rename(key) if rename is not None else key, flat)
+        if target is None or target in used:
+            problems.append(f"{key} {tuple(shape)}: {'no' if target is None else 'a second'} Flax leaf")
+            continue
+        used.add(target)
+        arr = np.asarray(flat[target], np.float32)
+        if target[-1] == "kernel" and arr.ndim >= 2:  # (*k, I, O) -> (O, I, *k); Dense (I, O) -> (O, I)
+            arr = np.transpose(arr, (arr.ndim - 1, arr.ndim - 2, *range(arr.ndim - 2)))
+        if arr.size != int(np.prod(shape)):
+            problems.append(f"{key}: PyTorch {tuple(shape)}, Flax {'/'.join(target)} {tuple(flat[target].shape)}")
+            continue
+        out[key] = np.ascontiguousarray(arr.reshape(shape))
+    unused = sorted("/".join(k) for k in set(flat) - used)
+    if unused:
+        problems.append(f"{len(unused)} Flax leaves with no PyTorch name, e.g. {unused[:3]}")
+    if problems:
+        raise WeightsError(f"params do not map onto the PyTorch names of {where or 'the state dict'!r}: "
+                           + "; ".join(problems[:_SHOWN]))
+    return out
+
+
 def torch_to_flax(state: Mapping[str, np.ndarray], expected: Any, rename: Callable[[str], str] | None = None,
                   where: str = "") -> dict:
     """Convert a diffusers PyTorch state dict into the Linen params tree `expected` (ShapeDtypeStructs).
@@ -262,13 +301,8 @@ def torch_to_flax(state: Mapping[str, np.ndarray], expected: Any, rename: Callab
     for key in sorted(state):
         new = renamed[key]
         shown = key if new == key else f"{key} (as {new})"
-        mod, _, leaf = new.rpartition(".")
-        path = flax_path(mod)
         # 1. the Flax leaf this tensor fills
-        if leaf == "weight":
-            target = next((path + (n,) for n in _WEIGHT_LEAVES if path + (n,) in exp), None)
-        else:
-            target = path + (leaf,) if path + (leaf,) in exp else None
+        target = flax_target(new, exp)
         if target is None:
             unexpected.append(f"{shown} {tuple(np.shape(state[key]))}")
             continue

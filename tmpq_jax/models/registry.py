@@ -76,6 +76,36 @@ class ModelSpec:
                     "note": "VAE decode in full precision, excluded from BitOPs"}}
 
 
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    """Every field of a spec as JSON (the noise schedule whole), so `spec_from_dict` rebuilds an equal spec."""
+    d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    d["schedule"] = dataclasses.asdict(spec.schedule)
+    return _jsonable(d)
+
+
+def spec_from_dict(d: dict) -> ModelSpec:
+    """The inverse of `spec_to_dict` (lists stay lists: the builders accept either); unknown or missing fields are a ValueError naming them."""
+    names = {f.name for f in dataclasses.fields(ModelSpec)}
+    required = {f.name for f in dataclasses.fields(ModelSpec) if f.default is dataclasses.MISSING}
+    unknown, missing = sorted(set(d) - names), sorted(required - set(d))
+    if unknown or missing:
+        raise ValueError(f"model spec: unknown fields {unknown}, missing fields {missing}; valid: {sorted(names)}")
+    d = dict(d)
+    sched = dict(d.get("schedule") or {})
+    if sched.get("trained_betas") is not None:
+        sched["trained_betas"] = tuple(sched["trained_betas"])
+    d["schedule"] = NoiseSchedule(**sched)
+    return ModelSpec(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """How to build, feed and load one kind of model."""

@@ -66,13 +66,27 @@ def qdq_symmetric_rounded(x: jax.Array, clip: jax.Array, bits: jax.Array, up: ja
     return jnp.where(jnp.asarray(bits) >= PASSTHROUGH_BITS, x, codes * scale)
 
 
-def qdq_asymmetric(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
-    """Asymmetric unsigned QDQ of a tensor with a static range [lo, hi] (lo <= 0 <= hi keeps 0 exact)."""
+def asymmetric_params(lo: jax.Array, hi: jax.Array, bits: jax.Array, dtype=jnp.float32):
+    """(scale, zero_point, levels) of the asymmetric unsigned quantizer of a static range [lo, hi]:
+    lo' = min(lo, 0), hi' = max(hi, 0) (0 stays exact), levels = 2^b - 1, scale = max(hi' - lo', eps) / levels,
+    zero_point = round(-lo' / scale) in [0, levels] (round half to even). Simulation and export share it."""
     bits = jnp.asarray(bits)
-    levels = jnp.exp2(bits.astype(x.dtype)) - 1.0
-    lo = jnp.minimum(jnp.asarray(lo, x.dtype), 0.0)
-    hi = jnp.maximum(jnp.asarray(hi, x.dtype), 0.0)
-    scale = jnp.maximum(hi - lo, jnp.finfo(x.dtype).eps) / levels
-    zero_point = jnp.round(-lo / scale)
-    q = jnp.clip(_ste_round(x / scale) + zero_point, 0.0, levels)
-    return jnp.where(bits >= PASSTHROUGH_BITS, x, (q - zero_point) * scale)
+    levels = jnp.exp2(bits.astype(dtype)) - 1.0
+    lo = jnp.minimum(jnp.asarray(lo, dtype), 0.0)
+    hi = jnp.maximum(jnp.asarray(hi, dtype), 0.0)
+    scale = jnp.maximum(hi - lo, jnp.finfo(dtype).eps) / levels
+    return scale, jnp.round(-lo / scale), levels
+
+
+def asymmetric_codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, levels: jax.Array) -> jax.Array:
+    """Unsigned codes q = clip(round(x / scale) + zero_point, 0, levels) (floats holding integers; the rounding is
+    straight-through); x is represented as (q - zero_point) * scale."""
+    return jnp.clip(_ste_round(x / scale) + zero_point, 0.0, levels)
+
+
+def qdq_asymmetric(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
+    """Asymmetric unsigned QDQ of a tensor with a static range [lo, hi] (`asymmetric_params`); 16 bits pass
+    through."""
+    scale, zero_point, levels = asymmetric_params(lo, hi, bits, x.dtype)
+    q = asymmetric_codes(x, scale, zero_point, levels)
+    return jnp.where(jnp.asarray(bits) >= PASSTHROUGH_BITS, x, (q - zero_point) * scale)

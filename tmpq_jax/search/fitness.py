@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tmpq_jax import data, diffusion, metrics, quant, sampling
+from tmpq_jax.diffusion.noise import PURPOSES, purpose_noise  # noqa: F401 (re-exported)
 
-PURPOSES = {"fitness": 1, "select": 2, "report": 3}
 MNIST_SHAPE = (28, 28, 1)
 
 
@@ -229,16 +229,6 @@ def make_metric(name: str, config=None, reference: str = "mnist-heldout") -> Met
 
 
 # --- noise ----------------------------------------------------------------------------------------------------------
-
-
-def purpose_noise(seed: int, purpose: str, n: int, sample_shape: tuple[int, ...], num_classes: int):
-    """Noise and labels for one purpose: key = fold_in(key(seed), PURPOSES[purpose]); labels cycle over classes."""
-    if purpose not in PURPOSES:
-        raise ValueError(f"unknown noise purpose {purpose!r}; valid: {sorted(PURPOSES)}")
-    key = jax.random.fold_in(jax.random.key(seed), PURPOSES[purpose])
-    noise = jax.random.normal(key, (n, *sample_shape), jnp.float32)
-    labels = jnp.arange(n) % num_classes if num_classes else jnp.full((n,), 0)
-    return noise, labels.astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,21 @@
+"""Noise and labels drawn for one purpose (DESIGN.md Sec. 5): the search, its top-k selection and every report each
+get their own samples, and anything that generates for a report (`experiments/evaluate.py`,
+`experiments/generate.py`) draws the same rows from the same seed."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PURPOSES = {"fitness": 1, "select": 2, "report": 3}
+
+
+def purpose_noise(seed: int, purpose: str, n: int, sample_shape: tuple[int, ...], num_classes: int):
+    """Noise and labels for one purpose: key = fold_in(key(seed), PURPOSES[purpose]); labels cycle over classes
+    (prompts, for text models)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown noise purpose {purpose!r}; valid: {sorted(PURPOSES)}")
+    key = jax.random.fold_in(jax.random.key(seed), PURPOSES[purpose])
+    noise = jax.random.normal(key, (n, *sample_shape), jnp.float32)
+    labels = jnp.arange(n) % num_classes if num_classes else jnp.full((n,), 0)
+    return noise, labels.astype(jnp.int32)
