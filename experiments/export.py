@@ -27,10 +27,14 @@ from experiments import evaluate as ev  # noqa: E402
 
 FORMATS = ("tmpq", "diffusers")
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a finished search (results.json).")
-flags.DEFINE_string("candidate", "best", "best, a baseline of results.json (e.g. uniform_w8a8) or pareto_<i>.")
-flags.DEFINE_string("out", None, "Output folder.")
-flags.DEFINE_enum("format", "tmpq", FORMATS, "tmpq: quantized checkpoint; diffusers: dequantized diffusers folder.")
+
+
+def define_flags():
+    """The command line (defined only when run as a script, so the module imports next to others)."""
+    flags.DEFINE_string("workdir", None, "Workdir of a finished search (results.json).")
+    flags.DEFINE_string("candidate", "best", "best, a baseline of results.json (e.g. uniform_w8a8) or pareto_<i>.")
+    flags.DEFINE_string("out", None, "Output folder.")
+    flags.DEFINE_enum("format", "tmpq", FORMATS, "tmpq: quantized checkpoint; diffusers: dequantized diffusers folder.")
 
 
 def exportable_candidates(results: dict) -> dict[str, dict]:
@@ -107,4 +111,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

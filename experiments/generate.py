@@ -22,18 +22,22 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Folder written by experiments/export.py.")
-flags.DEFINE_integer("num_samples", 16, "Images to generate.")
-flags.DEFINE_integer("noise_seed", 0, "Seed of the noise (purpose 'report', as evaluate.py --noise_seed).")
-flags.DEFINE_enum("mode", "dequant", ["dequant", "int"], "dequant: int8 codes dequantized in the forward; int: "
-                  "integer convolutions and matmuls where the site allows.")
-flags.DEFINE_list("labels", [], "Class labels to cycle (class-conditional models); default: 0, 1, 2, ...")
-flags.DEFINE_string("prompts", "", "Text models: a file of prompts, one per line.")
-flags.DEFINE_string("prompt_embeds", "", "Text models: precomputed prompt embeddings (.npz).")
-flags.DEFINE_integer("batch", 0, "Images per sampler call (0: the search's sample_batch, so that the images equal "
-                     "evaluate.py's bit for bit).")
-flags.DEFINE_string("out", "samples.npz", "Output .npz: images in [0, 1], labels, timesteps, noise seed.")
-flags.DEFINE_string("grid", "", "Optional PNG grid of the images.")
+
+
+def define_flags():
+    """The command line (defined only when run as a script, so the module imports next to others)."""
+    flags.DEFINE_string("model", None, "Folder written by experiments/export.py.")
+    flags.DEFINE_integer("num_samples", 16, "Images to generate.")
+    flags.DEFINE_integer("noise_seed", 0, "Seed of the noise (purpose 'report', as evaluate.py --noise_seed).")
+    flags.DEFINE_enum("mode", "dequant", ["dequant", "int"], "dequant: int8 codes dequantized in the forward; int: "
+                      "integer convolutions and matmuls where the site allows.")
+    flags.DEFINE_list("labels", [], "Class labels to cycle (class-conditional models); default: 0, 1, 2, ...")
+    flags.DEFINE_string("prompts", "", "Text models: a file of prompts, one per line.")
+    flags.DEFINE_string("prompt_embeds", "", "Text models: precomputed prompt embeddings (.npz).")
+    flags.DEFINE_integer("batch", 0, "Images per sampler call (0: the search's sample_batch, so that the images equal "
+                         "evaluate.py's bit for bit).")
+    flags.DEFINE_string("out", "samples.npz", "Output .npz: images in [0, 1], labels, timesteps, noise seed.")
+    flags.DEFINE_string("grid", "", "Optional PNG grid of the images.")
 
 
 def parse_labels(values, num_classes: int) -> np.ndarray | None:
@@ -109,4 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -62,9 +62,16 @@ def test_guidance_doubles_bitops(sd_folder):
     # (guidance 1.0 = the conditional UNet alone, and 7.5 = u + 7.5 (c - u): tests/test_sd.py)
 
 
-def test_one_generation_sd_search_writes_decoded_samples(sd_folder, tmp_path):
-    c = tiny_sd_config(sd_folder)
-    search_run.run_search(c, str(tmp_path))
+@pytest.fixture(scope="module")
+def sd_search(sd_folder, tmp_path_factory):
+    """One generation of the tiny SD search: its workdir."""
+    work = tmp_path_factory.mktemp("sd-search")
+    search_run.run_search(tiny_sd_config(sd_folder), str(work))
+    return work
+
+
+def test_one_generation_sd_search_writes_decoded_samples(sd_search, sd_folder):
+    c, tmp_path = tiny_sd_config(sd_folder), sd_search
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["model"]["family"] == "sd" and r["model"]["unet_passes_per_step"] == 2
     assert r["model"]["image_shape"] == [16, 16, 3] and r["model"]["sample_shape"] == [8, 8, 4]
@@ -74,6 +81,43 @@ def test_one_generation_sd_search_writes_decoded_samples(sd_folder, tmp_path):
     images = np.load(tmp_path / "samples_best.npz")["images"]
     assert images.shape == (3, 16, 16, 3) and 0.0 <= images.min() and images.max() <= 1.0
     assert (tmp_path / "samples_best.png").is_file()
+
+
+def test_export_generate_and_diffusers_folder_of_the_sd_search(sd_search, sd_folder, tmp_path):
+    """Export the best, generate from the export alone (decoded images equal evaluate's bit for bit), and write its
+    dequantized UNet as a diffusers pipeline that loads back with the VAE and configs copied."""
+    import subprocess
+    import sys
+
+    from flax.traverse_util import flatten_dict
+
+    from tmpq_jax import deploy, models
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import evaluate as ev
+
+    def cli(script, *args):
+        out = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *map(str, args)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    work = sd_search
+    cli("export.py", "--workdir", work, "--candidate", "best", "--out", tmp_path / "q")
+    ck = deploy.read_quantized(tmp_path / "q")
+    assert ck.spec.family == "sd" and ck.spec.guidance_scale > 1 and ck.spec.num_classes == 3
+    cli("generate.py", "--model", tmp_path / "q", "--num_samples", 3, "--noise_seed", 4, "--out", tmp_path / "s.npz")
+    ev.evaluate(work, "best", 3, 4, ["teacher_mse"], tmp_path / "eval.json", reference="mnist-heldout", bootstrap=0)
+    want = np.load(work / "eval_4" / "samples_best.npz")["images"]
+    got = np.load(tmp_path / "s.npz")["images"]
+    assert got.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(got, want)
+    cli("export.py", "--workdir", work, "--candidate", "best", "--format", "diffusers", "--out", tmp_path / "hf")
+    assert (tmp_path / "hf" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "hf" / "vae" / "config.json").is_file() and (tmp_path / "hf" / "model_index.json").is_file()
+    _, params, _ = models.from_pretrained(tmp_path / "hf", family="sd")
+    want_unet = flatten_dict(ck.dequantized_params()["unet"])
+    for k, v in flatten_dict(params["unet"]).items():
+        np.testing.assert_array_equal(np.asarray(v), want_unet[k], err_msg="/".join(k))
 
 
 @pytest.mark.parametrize("overrides, match", [
