@@ -54,6 +54,7 @@ class QuantizedModel:
     cand: Any  # CandidateQuant: activation quantizers and bits on the device
     spec: models.ModelSpec = None  # the checkpoint's, or with other prompts (`with_prompts`)
     fallbacks: dict = dataclasses.field(default_factory=dict)  # site path -> why it is not run on integers
+    int_only: frozenset | None = None  # `int` mode: run only these sites on integers (None: every site that can)
 
     @classmethod
     def load(cls, path: str | Path, mode: str = "dequant") -> QuantizedModel:
@@ -164,7 +165,8 @@ class QuantizedModel:
                 return impl(module, operand_fn, None, *args, **kwargs)
             if isinstance(module, (nn.Conv, nn.Dense)):
                 path = module_path(module)
-                if path in index and path in codes and why_not(module, path) is None:
+                if path in index and path in codes and why_not(module, path) is None and (
+                        self.int_only is None or path in self.int_only):
                     return run_int(module, path, args[0])
                 return next_fun(operand_fn(path, "a", args[0]) if path in index else args[0], *args[1:], **kwargs)
             return next_fun(*args, **kwargs)
