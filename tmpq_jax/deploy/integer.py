@@ -78,8 +78,8 @@ def conv_unsupported(module) -> str | None:
     """Why an `nn.Conv` cannot run on the integer path here (None: it can)."""
     if any(d != 1 for d in _tuple(module.input_dilation, len(module.kernel_size))):
         return "input dilation (a transposed convolution) inserts zeros the zero-point correction does not cover"
-    if isinstance(canonicalize_padding(module.padding, len(module.kernel_size)), str) and \
-            canonicalize_padding(module.padding, len(module.kernel_size)) not in ("SAME", "VALID"):
+    padding = canonicalize_padding(module.padding, len(module.kernel_size))
+    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
         return f"padding {module.padding!r} is not a zero padding"
     if getattr(module, "mask", None) is not None:
         return "masked kernel"

@@ -55,6 +55,7 @@ class QuantizedModel:
     spec: models.ModelSpec = None  # the checkpoint's, or with other prompts (`with_prompts`)
     fallbacks: dict = dataclasses.field(default_factory=dict)  # site path -> why it is not run on integers
     int_only: frozenset | None = None  # `int` mode: run only these sites on integers (None: every site that can)
+    _sampler: Any = dataclasses.field(default=None, repr=False)  # `sample`'s jitted sampler
 
     @classmethod
     def load(cls, path: str | Path, mode: str = "dequant") -> QuantizedModel:
@@ -83,7 +84,7 @@ class QuantizedModel:
                              f"want (P, {want[0]}, {want[1]}) for both")
         spec = dataclasses.replace(self.spec, num_classes=len(embeds))
         params = {**self.params, "prompt_embeds": jnp.asarray(embeds), "negative_embeds": jnp.asarray(negative)}
-        return dataclasses.replace(self, model=models.build_model(spec), params=params, spec=spec)
+        return dataclasses.replace(self, model=models.build_model(spec), params=params, spec=spec, _sampler=None)
 
     @property
     def timesteps(self) -> np.ndarray:
@@ -125,12 +126,6 @@ class QuantizedModel:
         index = {p: i for i, p in enumerate(ck.sites.paths)}
         ranges = {"a": cand.a_range[:, group], "skip": cand.skip_range[:, group]}
 
-        def why_not(module, path) -> str | None:
-            i = index[path]
-            if int(ck.w_bits[i]) >= PASSTHROUGH_BITS or int(ck.a_bits[i]) >= PASSTHROUGH_BITS:
-                return f"W{int(ck.w_bits[i])}A{int(ck.a_bits[i])}: an operand at >= {PASSTHROUGH_BITS} bits"
-            return integer.conv_unsupported(module) if isinstance(module, nn.Conv) else None
-
         def run_int(module, path, x):
             i = index[path]
             site, ab = ck.sites.sites[i], int(ck.a_bits[i])
@@ -165,8 +160,8 @@ class QuantizedModel:
                 return impl(module, operand_fn, None, *args, **kwargs)
             if isinstance(module, (nn.Conv, nn.Dense)):
                 path = module_path(module)
-                if path in index and path in codes and why_not(module, path) is None and (
-                        self.int_only is None or path in self.int_only):
+                if path in codes and path not in self.fallbacks and (self.int_only is None or
+                                                                     path in self.int_only):
                     return run_int(module, path, args[0])
                 return next_fun(operand_fn(path, "a", args[0]) if path in index else args[0], *args[1:], **kwargs)
             return next_fun(*args, **kwargs)
@@ -225,8 +220,11 @@ class QuantizedModel:
         return jax.jit(run)
 
     def sample(self, noise, labels, batch: int = 256, progress: Callable | None = None) -> np.ndarray:
-        """Images (n, H, W, C) in [-1, 1] (decoded for latent models), `batch` rows at a time."""
-        fn = self.sampler_fn()
+        """Images (n, H, W, C) in [-1, 1] (decoded for latent models), `batch` rows at a time; the jitted sampler is
+        built once per model."""
+        if self._sampler is None:
+            self._sampler = self.sampler_fn()
+        fn = self._sampler
         outs = []
         for i in range(0, len(noise), batch):
             outs.append(np.asarray(fn(*self.arrays, noise[i:i + batch], labels[i:i + batch])))
