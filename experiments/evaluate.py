@@ -64,9 +64,11 @@ def _load_results(workdir: Path) -> dict:
 
 
 def available_candidates(results: dict) -> dict[str, dict]:
-    """name -> results.json entry, for the FP reference, the best and every feasible baseline."""
+    """name -> results.json entry, for the FP reference, the best, every feasible baseline and every feasible point
+    of the front (`pareto_<i>`, one per budget, ascending)."""
     out = {"reference": results["reference"], "best": results["best"]}
     out.update({k: e for k, e in results.get("baselines", {}).items() if not e.get("infeasible")})
+    out.update({f"pareto_{i}": e for i, e in enumerate(results.get("pareto", [])) if not e.get("infeasible")})
     return out
 
 

@@ -39,9 +39,7 @@ def define_flags():
 
 def exportable_candidates(results: dict) -> dict[str, dict]:
     """name -> results.json entry of every quantized candidate: best, the feasible baselines, pareto_<i>."""
-    out = {k: e for k, e in ev.available_candidates(results).items() if k != "reference"}
-    out.update({f"pareto_{i}": e for i, e in enumerate(results.get("pareto", []))})
-    return out
+    return {k: e for k, e in ev.available_candidates(results).items() if k != "reference"}
 
 
 def resolve(workdir: Path, name: str) -> tuple[dict, dict]:

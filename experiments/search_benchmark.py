@@ -36,7 +36,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import heldout as ho  # noqa: E402
-from tmpq_jax import data  # noqa: E402
+from tmpq_jax import data, quant  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import SearchSettings, decode_np, evolve  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet, candidate_key, nan_to_inf  # noqa: E402
@@ -175,6 +175,17 @@ def main(argv):
         metric = run_mod.build_metrics(c0).fitness
         scorer = ho.Scorer(c0, FLAGS.heldout_samples, FLAGS.bootstrap, FLAGS.heldout_seed)
         scored: dict = {}
+        fp_key = f"N{n}/fp_quad"
+        if fp_key not in rows:  # FP DDIM-quad at N steps, unquantized: where quantized winners stand
+            ts = np.asarray(problem.space.timesteps(problem.space.seed()))
+            ev = run_mod.make_evaluator(c0, problem, tables)
+            unit = data.to_unit_range(ev.sample_fp(ts, NoiseSet(FLAGS.heldout_seed, "report", FLAGS.heldout_samples)))
+            out = scorer(unit, None)
+            rows[fp_key] = {"num_steps": n, "method": "fp_quad", "timesteps": ts.tolist(), "runs_spent": 0,
+                            "bitops": int(quant.fp_bitops(problem.sites, n)),
+                            "heldout": {k: out[k] for k in ("inception_fid", "classifier_fd")}}
+            print(fp_key, {k: v["value"] for k, v in rows[fp_key]["heldout"].items()}, flush=True)
+            save(out_path, result)
         for seed in (int(s) for s in FLAGS.seeds):
             for name in FLAGS.methods:
                 row_key = f"N{n}/seed{seed}/{name}"
@@ -214,7 +225,29 @@ def main(argv):
     save(out_path, result)
 
 
+def summary(rows: dict) -> dict:
+    """Per N and method over seeds: mean held-out values, and per seed the ratio to greedy_bits of the same seed."""
+    out: dict = {}
+    for key, r in rows.items():
+        if r.get("method") == "fp_quad" or "heldout" not in r:
+            continue
+        g = rows.get(f"N{r['num_steps']}/seed{r['seed']}/greedy_bits", {}).get("heldout")
+        s = out.setdefault(f"N{r['num_steps']}", {}).setdefault(r["method"], {"seeds": [], "inception_fid": [],
+                                                                               "classifier_fd": []})
+        s["seeds"].append(r["seed"])
+        for m in ("inception_fid", "classifier_fd"):
+            s[m].append(r["heldout"][m]["value"])
+            if g is not None:
+                s.setdefault(f"{m}_ratio_to_greedy", []).append(r["heldout"][m]["value"] / g[m]["value"])
+    for per_n in out.values():
+        for s in per_n.values():
+            for m in ("inception_fid", "classifier_fd"):
+                s[f"{m}_mean"] = float(np.mean(s[m]))
+    return out
+
+
 def save(out_path: Path, result: dict) -> None:
+    result["summary"] = summary(result.get("rows", {}))
     result.update({
         "config": FLAGS.config, "runs": FLAGS.runs,
         "heldout_noise": NoiseSet(FLAGS.heldout_seed, "report", FLAGS.heldout_samples).describe(),

@@ -217,8 +217,24 @@ def test_learned_tables_reproduce_the_learned_block_output(learned):
             trained = lr.problem.forward(lane, jnp.int32(bits), arrays, g, hard=True)
             from_tables = block_output_from_tables(lr, lr.tables, bits, lr.inputs, idx, g)
             # the same quantized weights and ranges in two compiled programs: float rounding only (measured up to
-            # 2.1e-6 on outputs of size ~4; one flipped rounding bit or another range moves outputs by > 1e-3)
-            np.testing.assert_allclose(from_tables, trained, rtol=0, atol=5e-6)
+            # 2.1e-6 on outputs of size ~4; another range or weight moves most outputs by > 1e-3). A float
+            # difference can still flip one activation's rounding at a tie, which moves the outputs of one pixel
+            # (measured on one CI machine: 28 of 100352 elements, 0.03%), so the rest must agree to 5e-6.
+            off = np.abs(np.asarray(from_tables) - np.asarray(trained)) > 5e-6
+            assert off.mean() < 1e-3, (bits, g, off.sum())
+            if off.any():  # the flips sit at few pixels, not spread over the output
+                assert len({tuple(ix[:-1]) for ix in np.argwhere(off)}) <= 2, np.argwhere(off)[:8]
+    # the tables' kernels are the lane's hard-rounded kernels, exactly
+    for bits in (4, 6):
+        lane = jax.tree.map(lambda a: a[lanes.index(bits)], lr.learned)
+        w = jnp.full((len(lr.g.sites),), bits, jnp.int32)
+        qparams = quant.quantize_params(lr.g.tiny.params, lr.g.sites,
+                                        quant.gather_candidate(lr.tables, lr.g.sites, w, w))
+        for path, qw in lr.problem.quantized_kernels(lane, jnp.int32(bits), hard=True).items():
+            node = qparams
+            for k in path.split("/"):
+                node = node[k]
+            np.testing.assert_array_equal(np.asarray(node["kernel"]), np.asarray(qw), err_msg=path)
     # rounding was learned: some kernel entries round the other way than nearest at 4 bits
     path = next(lr.g.sites.sites[i].path for i in lr.problem.weight_sites)
     row = list(np.asarray(lr.tables.table_bits)).index(4)

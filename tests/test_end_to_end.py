@@ -51,11 +51,38 @@ def test_search_writes_results_with_all_fields(tiny_run):
     assert r["metric_name"] == "teacher_mse" and r["noise"]["fitness"]["n"] == 8
 
 
+def test_search_reports_one_front_for_every_budget(tiny_run):
+    """config.budgets (0.75, 1.0, 1.4 of the W6A6 budget): one entry per budget, each within it, the default
+    budget's is `best`, the best fitness never rises with the budget, and the marked front is non-dominated."""
+    work, r, _ = tiny_run
+    front = r["pareto"]
+    limits = [e["budget"] for e in front]
+    assert limits == sorted(limits) and len(limits) == 3
+    assert [e["budget_fraction"] for e in front] == pytest.approx([0.75, 1.0, 1.4], abs=1e-9)
+    assert limits[1] == r["budget_bitops"]
+    for e in front:
+        assert not e.get("infeasible") and e["bitops"] <= e["budget"]
+        assert set(e["report"]) >= set(r["report_metric_names"])
+    assert front[1]["w_bits"] == r["best"]["w_bits"] and front[1]["timesteps"] == r["best"]["timesteps"]
+    # the pool is shared: the largest budget's pick is among the rescore_top_k best fitnesses of all candidates
+    fits = sorted(h["best"] for h in r["history"] + r["baseline_history"] if h["best"] is not None)
+    assert front[2]["search"]["fitness"] <= max(fits[: r["config"]["rescore_top_k"]]) + 1e-12
+    on = [e for e in front if e["on_front"]]
+    assert on
+    for a in on:
+        sa = a["search"]["selection"]
+        assert not any(b["bitops"] <= a["bitops"] and b["search"]["selection"] <= sa and
+                       (b["bitops"] < a["bitops"] or b["search"]["selection"] < sa) for b in front)
+    assert (work / "pareto.png").stat().st_size > 10_000
+    assert (work / "search_budget_%d.json" % limits[0]).is_file()
+
+
 def test_every_reported_bitops_is_recomputed_from_its_bits_and_macs(tiny_run):
     """BitOPs = sum over sites of MACs x w_bits x a_bits, times the steps (TMPQ-DM eq. 6), from the JSON alone."""
     _, r, _ = tiny_run
     macs, steps = r["model"]["sites"], r["config"]["num_steps"]
-    for name, entry in {"best": r["best"], **r["baselines"]}.items():
+    for name, entry in {"best": r["best"], **r["baselines"],
+                        **{f"pareto_{i}": e for i, e in enumerate(r["pareto"])}}.items():
         cost = sum(m * entry["w_bits"][p] * entry["a_bits"][p] for p, m in macs.items()) * steps
         assert entry["bitops"] == cost, name
         assert entry["within_budget"] == (cost <= r["budget_bitops"])

@@ -182,6 +182,10 @@ def _config():
     (dict(knapsack_weights=(0.5, 1.5)), r"knapsack_weights=\(0.5, 1.5\) is invalid"),
     (dict(algorithm="local", expected_genes=0.0), r"expected_genes=0.0 is invalid; valid range: > 0"),
     (dict(algorithm="local"), None),
+    (dict(budgets=(0.75, 0.0)), r"config.budgets has 0.0; valid: fractions of the default budget in \(0, 4\]"),
+    (dict(budgets=(12.5,)), r"config.budgets has 12.5; valid: .* whole BitOPs counts > 4"),
+    (dict(sensitivity_mac_share=0.0), r"sensitivity_mac_share=0.0 is invalid; valid: in \(0, 1\]"),
+    (dict(pareto_generations=-1), r"pareto_generations=-1 is invalid; valid: an integer >= 0"),
 ])
 def test_bad_config_values(changes, msg):
     c = _config()

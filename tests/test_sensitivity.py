@@ -50,3 +50,35 @@ def test_non_finite_probe_scores_are_errors_that_name_the_probe():
         sens.damage_tables(BUDGET, p, scores, 0.5)
     with pytest.raises(ValueError, match="all-top"):
         sens.damage_tables(BUDGET, p, np.ones(len(p)), np.nan)
+
+
+@pytest.mark.parametrize("macs, share, want", [
+    ((10, 20, 30), 1.0, [True, True, True]),
+    ((10, 20, 30), 0.5, [False, False, True]),  # 30 of 60 is exactly half
+    ((10, 20, 30), 0.51, [False, True, True]),
+    ((10, 20, 30), 0.01, [False, False, True]),
+    ((5, 5, 5, 85), 0.9, [True, False, False, True]),  # ties: site order
+])
+def test_probed_sites_are_the_largest_by_macs(macs, share, want):
+    b = Budget(10**9, macs, (0,) * len(macs), (0,) * len(macs), BITS, 4)
+    assert sens.probed_sites(b, share).tolist() == want
+
+
+@pytest.mark.parametrize("share", [0.0, 1.5, -1.0])
+def test_bad_mac_share_is_refused(share):
+    with pytest.raises(ValueError, match=r"mac_share=.* must be in \(0, 1\]"):
+        sens.probed_sites(BUDGET, share)
+
+
+def test_unprobed_sites_get_the_median_damage_per_mac():
+    b = Budget(10**9, (10, 20, 30, 40), (0, 0, 0, 0), (0, 0, 0, 0), BITS, 4)
+    p = sens.probes(b, (5,), mac_share=0.7)  # sites 3 and 2 (70 of 100 MACs)
+    assert sorted({q.site for q in p}) == [2, 3] and len(p) == 4
+    per_mac = {("w", 2): 1.0, ("w", 3): 3.0, ("a", 2): 2.0, ("a", 3): 2.0}
+    scores = [1.0 + per_mac[(q.operand, q.site)] * b.macs[q.site] * (4.0 ** -5 - 4.0 ** -8) for q in p]
+    dw, da = sens.damage_tables(b, p, scores, 1.0)
+    noise = 4.0 ** -np.asarray(BITS, np.float64) - 4.0 ** -8
+    for site, m in ((0, 10), (1, 20)):  # median of (1, 3) = 2 per MAC for weights; 2 for activations
+        np.testing.assert_allclose(dw[site], 2.0 * m * noise, rtol=1e-12)
+        np.testing.assert_allclose(da[site], 2.0 * m * noise, rtol=1e-12)
+    np.testing.assert_allclose(dw[3], 3.0 * 40 * noise, rtol=1e-12)  # probed sites keep their own damage

@@ -34,7 +34,8 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int | None = N
 
 
 def save_plots(workdir: str | os.PathLike, histories: list[dict], logs: dict, results: dict) -> None:
-    """search_progress.png (best / median per generation) and bitops_vs_metric.png (every candidate seen)."""
+    """search_progress.png (best / median per generation), bitops_vs_metric.png (every candidate seen) and, with a
+    front in `results`, pareto.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,4 +71,44 @@ def save_plots(workdir: str | os.PathLike, histories: list[dict], logs: dict, re
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(workdir / "bitops_vs_metric.png", dpi=120)
+    plt.close(fig)
+
+    if results.get("pareto"):
+        save_pareto_plot(workdir / "pareto.png", results)
+
+
+def save_pareto_plot(path: str | os.PathLike, results: dict) -> None:
+    """One panel per report metric: the front's candidates (BitOPs vs report-noise value), the uniform WxAx
+    baselines and the FP reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["report_metric_names"]
+    rep = results["noise"]["report"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, m in zip(axes[0], names):
+        def val(e):
+            return e.get("report", {}).get(m, {}).get("value")
+
+        pts = [(e["bitops"], val(e), e.get("on_front", True)) for e in results["pareto"]
+               if not e.get("infeasible") and val(e) is not None]
+        if pts:
+            x, y, on = (np.asarray(v) for v in zip(*pts))
+            ax.plot(x, y, marker="o", label="front (best per budget)")
+            ax.scatter(x[~on], y[~on], marker="x", color="r", zorder=3, label="dominated on select noise")
+        for name, e in results["baselines"].items():
+            if name.startswith("uniform_") and not e.get("infeasible") and val(e) is not None:
+                ax.scatter([e["bitops"]], [val(e)], marker="s", label=name)
+        if val(results["reference"]) is not None:
+            ax.scatter([results["reference"]["bitops"]], [val(results["reference"])], marker="*", s=120,
+                       label=f"FP ({results['reference']['steps']} steps)")
+        ax.set_xscale("log")
+        ax.set_xlabel("BitOPs per image (all sampling steps)")
+        ax.set_ylabel(f"{m} (report noise n={rep['n']}, seed {rep['noise_seed']})")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"reference: {results['references']['report']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,6 +12,7 @@ def get_config():
     c = default.get_config()
     c.population_size = 50
     c.generations = 20
+    c.budgets = ()  # the reference searches one budget; e.g. --config.budgets=(0.5,0.75) adds a front
     c.num_parents = 10
     c.num_mutation = 25
     c.num_crossover = 10

@@ -19,6 +19,7 @@ def get_config():
     c.select_samples = 8  # equal batch shapes: one compiled sampler serves fitness, selection and reports
     c.final_samples = 8
     c.rescore_top_k = 2
+    c.pareto_generations = 1
     c.reference_steps = 4
     c.calib_steps = 4
     c.calib_samples = 8

@@ -258,12 +258,11 @@ class BlockProblem:
         zeros = jnp.zeros((n, len(self.sites)), jnp.float32)
         return {"V": jax.vmap(per_lane)(self.lane_bits), "a": zeros, "skip": zeros, "w": zeros}
 
-    def forward(self, learned, lane_bit, arrays, group, hard: bool):
-        """The block's output with lane `lane_bit`'s quantizers (one lane of `learned`) on one group's inputs."""
-        wb, ab = self.lane_site_bits(lane_bit)
+    def quantized_kernels(self, learned, lane_bit, hard: bool) -> dict:
+        """{site path: fake-quantized kernel} of this block's weight sites under lane `lane_bit` (AdaRound, eq. 2)."""
+        wb, _ = self.lane_site_bits(lane_bit)
         learn_w = (self.fixed_w == 0) | (self.fixed_w == lane_bit)
-        learn_a = (self.fixed_a == 0) | (self.fixed_a == lane_bit)
-        sub = jax.tree.map(lambda x: x, flax.core.unfreeze(self.sub))  # a fresh nested dict to write kernels into
+        out = {}
         for i in self.weight_sites:
             s = self.sites.sites[i]
             w = self.kernel(i)
@@ -273,8 +272,17 @@ class BlockProblem:
             qmax = jnp.exp2(wb[i].astype(w.dtype) - 1.0) - 1.0
             scaled = w / (jnp.maximum(clip, jnp.finfo(w.dtype).tiny) / qmax)
             nearest = (scaled - jnp.floor(scaled) >= 0.5).astype(w.dtype)
-            qw = qdq_symmetric_rounded(w, clip, wb[i], jnp.where(learn_w[i], up, nearest))
-            rel = _relative(self.block, s.path)
+            out[s.path] = qdq_symmetric_rounded(w, clip, wb[i], jnp.where(learn_w[i], up, nearest))
+        return out
+
+    def forward(self, learned, lane_bit, arrays, group, hard: bool):
+        """The block's output with lane `lane_bit`'s quantizers (one lane of `learned`) on one group's inputs."""
+        wb, ab = self.lane_site_bits(lane_bit)
+        learn_w = (self.fixed_w == 0) | (self.fixed_w == lane_bit)
+        learn_a = (self.fixed_a == 0) | (self.fixed_a == lane_bit)
+        sub = jax.tree.map(lambda x: x, flax.core.unfreeze(self.sub))  # a fresh nested dict to write kernels into
+        for path, qw in self.quantized_kernels(learned, lane_bit, hard).items():
+            rel = _relative(self.block, path)
             node = sub if not rel else _subtree(sub, rel)
             node["kernel"] = qw
         ranges = self.ranges(learned, wb, ab, learn_w, learn_a, group)

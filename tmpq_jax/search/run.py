@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tmpq_jax import checkpoint, data, diffusion, models, quant, sampling, text
-from tmpq_jax.search import knapsack, local, operators, sensitivity, timestep_dp
+from tmpq_jax.search import knapsack, local, operators, pareto, sensitivity, timestep_dp
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
@@ -145,8 +145,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          f"one or more of the lower bit choices {lower}")
     need("sensitivity_samples", isinstance(c.sensitivity_samples, int) and c.sensitivity_samples >= 2,
          "an integer >= 2")
+    need("sensitivity_mac_share", 0.0 < c.sensitivity_mac_share <= 1.0, "in (0, 1] (1: probe every site)")
     for name in ("dp_per_group", "dp_samples"):
         need(name, isinstance(c[name], int) and c[name] >= 1, "an integer >= 1")
+    # one front for every budget
+    for b in c.budgets:  # the form here; the range against the model's cheapest candidate in build_problem
+        pareto.entry_limit(b, 1)
+    need("pareto_generations", isinstance(c.pareto_generations, int) and c.pareto_generations >= 0,
+         "an integer >= 0 (generations of the search at each extra budget; 0: only the shared pool)")
     need("knapsack_weights", len(c.knapsack_weights) >= 1 and all(0.0 <= w <= 1.0 for w in c.knapsack_weights),
          "one or more weightings in [0, 1] (weights' share of the damage)")
 
@@ -230,6 +236,7 @@ class Problem:
     checkpoint_sha: str
     decode_fn: Any = None  # latent models: (params, latents) -> images, full precision, not in BitOPs
     prompts: tuple[str, ...] = ()  # text models: prompt i % P conditions sample i
+    budgets: tuple[Budget, ...] = ()  # every budget of the front (config.budgets and `budget`), ascending
 
 
 def build_problem(c, workdir: Path | None = None) -> Problem:
@@ -266,10 +273,21 @@ def build_problem(c, workdir: Path | None = None) -> Problem:
                                       for s in sites.sites))
     space = make_space(c, spec, len(sites))
     budget = Budget.create(sites, space, int(c.budget_bitops) or None, c.budget_bits)
+    budgets = front_budgets(c, sites, space, budget)
     print(f"model {spec.name}: {models.count_params(params):,} params, {len(sites)} sites, "
           f"{int(sites.macs.sum()):,} MACs/step ({spec.unet_passes_per_step} UNet pass(es) per step); budget "
-          f"{budget.limit:,} BitOPs", flush=True)
-    return Problem(spec, apply_fn, params, sites, space, budget, sha, decode_fn, prompts)
+          f"{budget.limit:,} BitOPs" + (f"; front at {[b.limit for b in budgets]}" if len(budgets) > 1 else ""),
+          flush=True)
+    return Problem(spec, apply_fn, params, sites, space, budget, sha, decode_fn, prompts, budgets)
+
+
+def front_budgets(c, sites: quant.SiteTable, space: SearchSpace, budget: Budget) -> tuple[Budget, ...]:
+    """The budgets of the front: config.budgets (fractions of `budget` or BitOPs) and `budget` itself, ascending;
+    each between the all-lowest and the all-highest candidate."""
+    lo, hi = min(space.bit_choices), max(space.bit_choices)
+    limits = pareto.budget_limits(c.budgets, budget.limit, budget.cost_of(space.uniform_bits(lo)),
+                                  budget.cost_of(space.uniform_bits(hi)))
+    return tuple(budget if b == budget.limit else dataclasses.replace(budget, limit=b) for b in limits)
 
 
 # --- stage 2: metrics ------------------------------------------------------------------------------------------------
@@ -506,9 +524,10 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
     a key of every setting that changes them."""
     budget, space = problem.budget, problem.space
     noise = NoiseSet(c.noise_seed, "fitness", c.sensitivity_samples)
-    plist = sensitivity.probes(budget, c.sensitivity_probe_bits)
+    plist = sensitivity.probes(budget, c.sensitivity_probe_bits, c.sensitivity_mac_share)
     key = cache_key("samples", c, problem.checkpoint_sha, metric=metric.name, noise=noise.describe(),
-                    probe_bits=sorted(c.sensitivity_probe_bits), sites=list(problem.sites.paths))
+                    probe_bits=sorted(c.sensitivity_probe_bits), mac_share=c.sensitivity_mac_share,
+                    sites=list(problem.sites.paths))
     path = workdir / "sensitivities.npz"
     if path.exists():
         with np.load(path) as z:
@@ -520,8 +539,10 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
     w, a = np.vstack([np.zeros_like(w[:1]), w]), np.vstack([np.zeros_like(a[:1]), a])  # row 0: all at the top
     choices = np.asarray(space.bit_choices, np.int32)
     ts = np.broadcast_to(np.asarray(space.timesteps(space.seed())), (len(w), space.num_steps))
+    n_sites = int(sensitivity.probed_sites(budget, c.sensitivity_mac_share).sum())
     print(f"sensitivities: {len(w)} probes (all-top, and one operand of one site at "
-          f"{sorted(c.sensitivity_probe_bits)} bits) on {noise.n} fitness samples", flush=True)
+          f"{sorted(c.sensitivity_probe_bits)} bits; the {n_sites} largest of {len(budget.macs)} sites, "
+          f"{c.sensitivity_mac_share:.0%} of the MACs) on {noise.n} fitness samples", flush=True)
     before = evaluator.sampled
     scores = np.concatenate([evaluator.evaluate(ts[i:i + c.population_size], choices[w[i:i + c.population_size]],
                                                 choices[a[i:i + c.population_size]], noise, [metric])[:, 0]
@@ -534,13 +555,15 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
     return Sensitivities(wd, ad, runs, noise)
 
 
-def knapsack_start(c, problem: Problem, sens: Sensitivities) -> list[Genome]:
-    """The knapsack optima (DDIM-quad timesteps) of the additive damage, one per `knapsack_weights` entry."""
-    genomes, sols = knapsack.knapsack_genomes(problem.budget, problem.space, sens.w_damage, sens.a_damage,
+def knapsack_start(c, problem: Problem, sens: Sensitivities, budget: Budget | None = None) -> list[Genome]:
+    """The knapsack optima (DDIM-quad timesteps) of the additive damage under `budget` (default: the problem's),
+    one per `knapsack_weights` entry."""
+    budget = budget or problem.budget
+    genomes, sols = knapsack.knapsack_genomes(budget, problem.space, sens.w_damage, sens.a_damage,
                                               tuple(c.knapsack_weights))
     for wt, sol in zip(c.knapsack_weights, sols):
         print(f"knapsack (weights' share {wt}): damage {sol.damage:.4g} (lower bound {sol.lower_bound:.4g}), "
-              f"{sol.cost:,} of {problem.budget.limit:,} BitOPs", flush=True)
+              f"{sol.cost:,} of {budget.limit:,} BitOPs", flush=True)
     return genomes
 
 
@@ -605,6 +628,107 @@ def run_searches(c, problem: Problem, evaluator: Evaluator, metric: Metric, work
         warm = warm[: c.population_size - 1]
     out["joint"] = evolve("joint", make_algorithm(c, problem.space, paths), problem.space, problem.budget, evaluator,
                           metric, settings, c.generations, workdir, fp, resume, warm, refine=refine(problem.space))
+    return out
+
+
+# --- stage 5b: one front for every budget -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CandidatePool:
+    """Every distinct candidate a run scored on the fitness noise: its genome and space, decoded arrays, exact
+    BitOPs and fitness (inf where infeasible or not at full fidelity)."""
+
+    genomes: list  # (Genome, SearchSpace)
+    timesteps: np.ndarray  # (P, N)
+    w_bits: np.ndarray  # (P, L)
+    a_bits: np.ndarray
+    costs: np.ndarray  # int64 (P,)
+    fitness: np.ndarray  # (P,)
+
+
+def candidate_pool(problem: Problem, searches: dict[str, SearchResult], extra=()) -> CandidatePool:
+    """The pool of `searches`' logs and of `extra` finalists, deduplicated by decoded candidate (first kept)."""
+    rows, seen = [], set()
+
+    def add(genome, space, fit):
+        ts, wb, ab = (x[0] for x in decode_np(space, jax.tree.map(lambda x: np.asarray(x)[None], genome)))
+        key = b"|".join(np.ascontiguousarray(x, np.int32).tobytes() for x in (ts, wb, ab))
+        if key not in seen:
+            seen.add(key)
+            rows.append(((genome, space), ts, wb, ab, float(fit)))
+
+    for f in extra:
+        if f is not None and f.fitness is not None:
+            add(f.genome, f.space, f.fitness)
+    for r in searches.values():
+        top = r.log["scores"].shape[-1] - 1
+        fit = nan_to_inf(np.where(r.log["level"] == top, r.log["scores"][..., top], np.nan).ravel())
+        flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), r.log["genomes"])
+        for i in np.flatnonzero(r.log["level"].ravel() >= 0):
+            add(jax.tree.map(lambda x: x[i], flat), r.space, fit[i])
+    if not rows:
+        raise RuntimeError("no candidate was scored: nothing to build a front from")
+    g, ts, wb, ab, fit = zip(*rows)
+    wb, ab = np.stack(wb), np.stack(ab)
+    return CandidatePool(list(g), np.stack(ts), wb, ab, problem.budget.cost(wb, ab).astype(np.int64),
+                         nan_to_inf(np.asarray(fit, np.float64)))
+
+
+def budget_searches(c, problem: Problem, evaluator: Evaluator, metric: Metric, workdir: Path, resume: bool,
+                    searches: dict[str, SearchResult], extra=(), sens: Sensitivities | None = None
+                    ) -> dict[str, SearchResult]:
+    """A search of `pareto_generations` at every budget of the front below or above the default, warm-started from
+    that budget's greedy_bits, its knapsack optima (with sensitivities) and the run's best candidates so far
+    repaired into it. Candidates are shared with every other budget through the pool and the evaluator's cache."""
+    out: dict[str, SearchResult] = {}
+    if c.pareto_generations < 1:
+        return out
+    space, paths = problem.space, tuple(problem.sites.paths)
+    fp = fingerprint(c, problem.checkpoint_sha)
+    for bud in problem.budgets:
+        if bud.limit == problem.budget.limit:
+            continue
+        pool = candidate_pool(problem, {**searches, **out}, extra)
+        order = [i for i in np.argsort(pool.fitness, kind="stable")[: c.population_size]
+                 if np.isfinite(pool.fitness[i]) and pool.genomes[i][1].search_bits]
+        warm = [bud.greedy_bits(space)] + (knapsack_start(c, problem, sens, bud) if sens is not None else [])
+        fill = local.make_fill(bud, sens.w_damage, sens.a_damage) if sens is not None else None
+        if order:
+            best = jax.tree.map(lambda *x: np.stack(x), *[pool.genomes[i][0] for i in order])
+            best, _, ok = bud.repair(best, space)
+            best = fill(best) if fill is not None else best
+            warm += [jax.tree.map(lambda x: x[j], best) for j in np.flatnonzero(ok)]
+        name = f"budget_{bud.limit}"
+        print(f"front: search at {bud.limit:,} BitOPs ({bud.limit / problem.budget.limit:.3g}x the budget), "
+              f"{c.pareto_generations} generation(s), {min(len(warm), c.population_size - 1)} warm starts",
+              flush=True)
+        out[name] = evolve(name, make_algorithm(c, space, paths), space, bud, evaluator, metric, search_settings(c),
+                           c.pareto_generations, workdir, fp, resume, warm[: c.population_size - 1], refine=fill)
+    return out
+
+
+def front_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric, searches: dict[str, SearchResult],
+                    best: Finalist, extra=()) -> list[Finalist | None]:
+    """One finalist per budget of the front (ascending): the default budget's is `best`; the others are the best on
+    the select noise of the pool's top `rescore_top_k` that fit that budget (None if none fits)."""
+    pool = candidate_pool(problem, searches, extra)
+    picks = pareto.best_per_budget(pool.costs, pool.fitness, [b.limit for b in problem.budgets], c.rescore_top_k)
+    out = []
+    for bud, idx in zip(problem.budgets, picks):
+        if bud.limit == problem.budget.limit:
+            out.append(best)
+            continue
+        if not len(idx):
+            out.append(None)
+            continue
+        sel = nan_to_inf(evaluator.evaluate(pool.timesteps[idx], pool.w_bits[idx], pool.a_bits[idx],
+                                            noise_sets(c)["select"], [metric])[:, 0])
+        j = int(np.argmin(sel))
+        genome, space = pool.genomes[idx[j]]
+        out.append(Finalist(genome, space, _num(pool.fitness[idx[j]]), _num(sel[j]),
+                            f"best of {len(idx)} by {metric.name} on the select noise, of every candidate the run "
+                            f"scored within {bud.limit:,} BitOPs"))
     return out
 
 
@@ -715,13 +839,17 @@ def report(c, problem: Problem, evaluator: Evaluator, metric_set: MetricSet, fin
     for name, f in finalists.items():
         if f is None:
             entries[name] = {"infeasible": True, "reason": "this space cannot meet the budget (or none found)"}
-    ts, wb, ab = [], [], []
+    ts, wb, ab, row_of = [], [], [], {}  # each distinct candidate is sampled once
     for k, f in todo.items():
-        t, w, a = decode_np(f.space, jax.tree.map(lambda x: np.asarray(x)[None], f.genome))
-        ts.append(t[0]), wb.append(w[0]), ab.append(a[0])
-    print(f"report: {len(todo)} candidates + FP reference on {report_set}", flush=True)
+        t, w, a = (x[0] for x in decode_np(f.space, jax.tree.map(lambda x: np.asarray(x)[None], f.genome)))
+        sig = b"|".join(np.ascontiguousarray(x, np.int32).tobytes() for x in (t, w, a))
+        if sig not in row_of:
+            row_of[sig] = len(ts)
+            ts.append(t), wb.append(w), ab.append(a)
+        row_of[k] = row_of[sig]
+    print(f"report: {len(ts)} distinct candidates ({len(todo)} names) + FP reference on {report_set}", flush=True)
     cand_images = evaluator.sample(np.stack(ts), np.stack(wb), np.stack(ab), report_set)
-    all_images = {"reference": ref_images, **dict(zip(todo, cand_images))}
+    all_images = {"reference": ref_images, **{k: cand_images[row_of[k]] for k in todo}}
     digests, done = {}, {}
     for name, ims in tqdm(all_images.items(), desc="report metrics", unit="set"):
         d = hashlib.sha256(np.ascontiguousarray(ims).tobytes()).hexdigest()
@@ -791,14 +919,19 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     searches = run_searches(c, problem, evaluator, metric_set.fitness, workdir, resume,
                             start + ([greedy.genome] if greedy is not None else []), sens)
     lap("search")
+    searches.update(budget_searches(c, problem, evaluator, metric_set.fitness, workdir, resume, searches, [greedy],
+                                    sens))
+    lap("front_search")
     n_evals = sum(int((r.log["level"] >= 0).sum()) for r in searches.values())
     timing["candidates_per_second"] = n_evals / max(sum(float(r.log["seconds"].sum()) for r in searches.values()),
                                                     1e-9)
     best = rescore(c, evaluator, metric_set.fitness, searches["joint"])
+    front = front_finalists(c, problem, evaluator, metric_set.fitness, searches, best, [greedy])
     lap("rescore")
     baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches, greedy)
     lap("baselines")
-    rep = report(c, problem, evaluator, metric_set, {"best": best, **baselines}, teachers)
+    front_names = {f"pareto_{i}": f for i, f in enumerate(front)}
+    rep = report(c, problem, evaluator, metric_set, {"best": best, **baselines, **front_names}, teachers)
     lap("report")
     timing["total_seconds"] = time.time() - t_all
     timing["sampling_runs"] = evaluator.sampled
@@ -823,6 +956,7 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
         "references": {"fitness": c.fitness_reference, "report": c.report_reference},
         "reference": rep.entries["reference"], "best": rep.entries["best"],
         "baselines": {k: rep.entries[k] for k in baselines},
+        "pareto": front_entries(problem, rep.entries, front),
         "history": [h for h in histories if h["search"] == "joint"],
         "baseline_history": [h for h in histories if h["search"] != "joint"],
         "timing": timing, "metric_name": metric_set.fitness.name,
@@ -832,6 +966,23 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     }
     write_outputs(workdir, results, histories, rep.images, searches)
     return results
+
+
+def front_entries(problem: Problem, entries: dict, front: list[Finalist | None]) -> list[dict]:
+    """results.json["pareto"]: one entry per budget (ascending), with `on_front` for the points no other chosen point
+    dominates in (BitOPs, select-noise score)."""
+    out = []
+    for i, (bud, f) in enumerate(zip(problem.budgets, front)):
+        e = dict(entries[f"pareto_{i}"])
+        e.update(budget=bud.limit, budget_fraction=bud.limit / problem.budget.limit)
+        out.append(e)
+    ok = [i for i, e in enumerate(out) if not e.get("infeasible")]
+    score = [out[i]["search"]["selection"] if out[i]["search"]["selection"] is not None
+             else out[i]["search"]["fitness"] for i in ok]
+    flags = pareto.front_flags([out[i]["bitops"] for i in ok], [np.nan if v is None else v for v in score])
+    for i, on in zip(ok, flags):
+        out[i]["on_front"] = bool(on)
+    return out
 
 
 def write_outputs(workdir: Path, results: dict, histories: list, images: dict, searches: dict) -> None:
@@ -853,15 +1004,17 @@ def write_outputs(workdir: Path, results: dict, histories: list, images: dict, s
 def summary_table(results: dict) -> str:
     """One row per reported candidate: BitOPs, reduction vs FP32, and each report metric (report noise)."""
     names = results["report_metric_names"]
-    rows = {"reference": results["reference"], "best": results["best"], **results["baselines"]}
+    rows = {"reference": results["reference"], "best": results["best"], **results["baselines"],
+            **{f"pareto_{i}" + ("" if e.get("on_front", True) else " (dominated)"): e
+               for i, e in enumerate(results.get("pareto", []))}}
     fp = results["reference"]["bitops"]
-    out = [f"{'':16s} {'BitOPs':>10s} {'vs FP32':>8s} " + " ".join(f"{n:>18s}" for n in names)]
+    out = [f"{'':22s} {'BitOPs':>10s} {'vs FP32':>8s} " + " ".join(f"{n:>18s}" for n in names)]
     for name, e in rows.items():
         if e.get("infeasible"):
-            out.append(f"{name:16s} infeasible: {e['reason']}")
+            out.append(f"{name:22s} infeasible: {e['reason']}")
             continue
         vals = [e["report"].get(n, {}).get("value") for n in names]
-        out.append(f"{name:16s} {e['bitops']:10.4g} {fp / e['bitops']:7.0f}x " +
+        out.append(f"{name:22s} {e['bitops']:10.4g} {fp / e['bitops']:7.0f}x " +
                    " ".join(f"{v:18.4f}" if v is not None else f"{'-':>18s}" for v in vals))
     rep = results["noise"]["report"]
     return (f"held-out report: n={rep['n']}, noise seed {rep['noise_seed']} (purpose 'report'), reference "
