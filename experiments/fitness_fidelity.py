@@ -5,6 +5,11 @@ correlations with bootstrap intervals (over candidates) and CPU seconds per cand
 
 python experiments/fitness_fidelity.py --out benchmarks/fitness_fidelity_cpu.json [--workdir runs/fidelity]
     [--truth_samples 500] [--fitness_samples 16,40] [--summarize_only]
+    [--visited benchmarks/search_benchmark_cpu.json --neighbours 1]
+
+`--visited` adds the candidates searches actually visit (issue 17, item 0): every winner in a search_benchmark JSON
+at the config's N, and `--neighbours` local mutants of each (`operators.mutate_local`, 2 genes on average, repaired
+into the budget). The summary then also has correlations over the visited part alone (`<truth>/visited`).
 
 Per-candidate rows are appended to WORKDIR/panel.jsonl as they finish, so an interrupted run continues.
 """
@@ -43,6 +48,8 @@ flags.DEFINE_integer("panel_seed", 0, "Seed of the panel's random candidates.")
 flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples of the candidates for the correlation intervals.")
 flags.DEFINE_integer("limit", 0, "Score only the first LIMIT panel candidates (smoke runs); 0 = all.")
 flags.DEFINE_bool("summarize_only", False, "Only recompute the summary from WORKDIR/panel.jsonl.")
+flags.DEFINE_list("visited", [], "search_benchmark JSON files whose winners (at the config's N) join the panel.")
+flags.DEFINE_integer("neighbours", 1, "Local mutants of each visited winner that join the panel.")
 
 TRUTH = ("inception_fid", "classifier_fd")
 
@@ -79,6 +86,26 @@ def panel(problem, key) -> list[tuple[str, Genome]]:
     return fixed
 
 
+def visited_panel(problem, files, neighbours: int, key) -> list[tuple[str, Genome]]:
+    """Winners of search_benchmark rows at this N, and `neighbours` local mutants of each, inside the budget."""
+    from tmpq_jax.search.operators import mutate_local
+
+    space, budget = problem.space, problem.budget
+    out = []
+    for f in files:
+        rows = json.loads(Path(f).read_text()).get("rows", {})
+        for name, r in sorted(rows.items()):
+            if r.get("num_steps") != space.num_steps or "w_bits" not in r or r.get("method") == "fp_quad":
+                continue
+            g = space.encode(r["timesteps"], r["w_bits"], r["a_bits"])
+            out.append((f"visited/{name}", g))
+            for k in range(neighbours):
+                m = jax.tree.map(np.asarray, mutate_local(jax.random.fold_in(key, len(out)), g, space, 2.0))
+                m = jax.tree.map(lambda x: x[0], budget.repair(jax.tree.map(lambda x: x[None], m), space)[0])
+                out.append((f"visited/{name}/neighbour{k}", m))
+    return out
+
+
 def score_candidate(c, problem, evaluator, name, g, fitness_metrics, truth_metrics, fitness_ns, truth_ns):
     ts, wb, ab = decode_np(problem.space, jax.tree.map(lambda x: x[None], g))
     row = {"name": name, "bitops": int(problem.budget.cost_of(g)), "feasible": bool(problem.budget.is_feasible(g)),
@@ -104,10 +131,11 @@ def summarize(rows, fitness_keys, seconds, n_boot, seed=0) -> dict:
     for fk in fitness_keys:
         entry = {"cpu_seconds_per_candidate": seconds.get(fk), "correlations": {}}
         for truth in TRUTH:
-            for subset in ("all", "feasible"):
+            for subset in ("all", "feasible", "visited"):
                 pts = [(r["fitness"][fk], r["truth"][truth]) for r in rows
                        if r["fitness"].get(fk) is not None and r["truth"].get(truth) is not None
-                       and (subset == "all" or r["feasible"])]
+                       and (subset == "all" or (subset == "feasible" and r["feasible"])
+                            or (subset == "visited" and r["name"].startswith("visited/")))]
                 if len(pts) < 4:
                     continue
                 x, y = np.asarray(pts).T
@@ -181,6 +209,9 @@ def main(argv):
             run_mod.teacher_images(c, problem, evaluator, ns, workdir)
         cands = panel(problem, jax.random.key(FLAGS.panel_seed))
         order = np.random.default_rng(FLAGS.panel_seed).permutation(len(cands))  # partial results stay varied
+        visited = visited_panel(problem, FLAGS.visited, FLAGS.neighbours, jax.random.key(FLAGS.panel_seed + 1))
+        order = np.r_[order, len(cands) + np.arange(len(visited))].astype(int)
+        cands = cands + visited
         order = order[: FLAGS.limit or len(order)]
         done = {r["name"] for r in rows}
         for k, i in enumerate(order):

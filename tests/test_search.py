@@ -270,3 +270,22 @@ def test_a_space_seeded_at_other_timesteps_keeps_them_where_timesteps_are_frozen
     assert np.asarray(space.seed().timestep_idx).tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match=r"one per group, inside the group sizes"):
         space.with_seed_timesteps([0, 0, 0, 999])
+
+
+def test_encode_inverts_decode_and_names_bad_candidates():
+    keys = jax.random.split(jax.random.key(4), 8)
+    for k in keys:
+        g = jax.tree.map(np.asarray, SPACE.random(k))
+        ts, wb, ab = (np.asarray(x) for x in SPACE.decode(g))
+        back = SPACE.encode(ts, wb, ab)
+        for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(g)):
+            np.testing.assert_array_equal(x, y)
+    ts, wb, ab = (np.asarray(x) for x in SPACE.decode(SPACE.seed()))
+    lo, hi = SPACE.groups[0]
+    with pytest.raises(ValueError, match=rf"timestep {hi + 1} is outside its group 0: \[{lo}, {hi}\]"):
+        SPACE.encode(np.r_[ts[:-1], hi + 1], wb, ab)
+    with pytest.raises(ValueError, match=r"w_bits must be 7 values among \[8, 7, 6, 5\], got shape \(7,\) with "
+                                         r"values \[4, 6\]"):
+        SPACE.encode(ts, np.r_[wb[:-1], 4], ab)
+    with pytest.raises(ValueError, match="3 timesteps for N=10"):
+        SPACE.encode(ts[:3], wb, ab)

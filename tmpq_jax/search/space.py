@@ -122,6 +122,26 @@ class SearchSpace:
     def decode(self, g: Genome):
         return self.timesteps(g), self.bits(g.w_bit_idx), self.bits(g.a_bit_idx)
 
+    def encode(self, timesteps, w_bits, a_bits) -> Genome:
+        """The genome of a decoded candidate (descending timesteps, one per group; bits among the choices); the
+        inverse of `decode`. Errors name the value and the valid range."""
+        ts = np.asarray(timesteps, np.int64)[::-1]
+        if ts.shape != (self.num_steps,):
+            raise ValueError(f"{len(ts)} timesteps for N={self.num_steps} groups")
+        idx = ts - np.asarray(self.starts, np.int64)
+        bad = np.flatnonzero((idx < 0) | (idx >= self.group_sizes))
+        if len(bad):
+            lo, hi = self.groups[int(bad[0])]
+            raise ValueError(f"timestep {int(ts[bad[0]])} is outside its group {int(bad[0])}: [{lo}, {hi}]")
+        out = []
+        for name, b in (("w_bits", w_bits), ("a_bits", a_bits)):
+            b = np.asarray(b, np.int64)
+            if b.shape != (self.num_sites,) or not np.isin(b, self.bit_choices).all():
+                raise ValueError(f"{name} must be {self.num_sites} values among {list(self.bit_choices)}, got "
+                                 f"shape {b.shape} with values {sorted(set(b.ravel().tolist()))}")
+            out.append(np.asarray([self.bit_choices.index(int(v)) for v in b], np.int32))
+        return Genome(idx.astype(np.int32), *out)
+
     # --- candidates ---------------------------------------------------------------------------------------------
 
     def seed(self) -> Genome:
