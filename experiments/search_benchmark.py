@@ -55,6 +55,7 @@ flags.DEFINE_list("anytime", ["25", "50", "100", "150"], "Run counts at which th
 flags.DEFINE_integer("heldout_samples", 500, "Report-noise samples per held-out score.")
 flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
+flags.DEFINE_string("metric", "", "Fitness metric of every method ('' = the config's); rows get '@METRIC'.")
 flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables, teachers and samples.")
 flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON.")
 
@@ -63,6 +64,8 @@ def base_config(n: int):
     c = ho.load_config(FLAGS.config, reconstruct=False)  # the CPU default's calibration
     c.num_steps = n
     c.baselines = ()
+    if FLAGS.metric:
+        c.metric = FLAGS.metric
     return c
 
 
@@ -188,13 +191,14 @@ def main(argv):
             save(out_path, result)
         for seed in (int(s) for s in FLAGS.seeds):
             for name in FLAGS.methods:
-                row_key = f"N{n}/seed{seed}/{name}"
+                suffix = f"@{FLAGS.metric}" if FLAGS.metric else ""
+                row_key = f"N{n}/seed{seed}/{name}{suffix}"
                 if row_key in rows and rows[row_key].get("runs_limit") == FLAGS.runs:
                     continue
                 c = c0.copy_and_resolve_references()
                 c.seed, c.noise_seed = seed, seed
                 c.algorithm = "local" if name in ("knapsack", "local", "steps_then_bits") else "evolution"
-                wd = work / f"seed{seed}" / name
+                wd = work / f"seed{seed}" / (name + suffix)
                 wd.mkdir(parents=True, exist_ok=True)
                 m = Method(c, problem, tables, metric, wd, FLAGS.runs)
                 run_mod.make_teachers(c, problem, m.ev._inner, run_mod.build_metrics(c), work / f"seed{seed}")
@@ -206,7 +210,8 @@ def main(argv):
                     stopped = str(e)
                     print(f"{row_key}: stopped: {e}", flush=True)
                 w = winner(m)
-                row = {"num_steps": n, "seed": seed, "method": name, "runs_limit": FLAGS.runs,
+                row = {"num_steps": n, "seed": seed, "method": name + suffix, "metric": c.metric,
+                       "suffix": suffix, "runs_limit": FLAGS.runs,
                        "runs_spent": m.ledger.spent, "seconds": time.time() - t0, "stopped": stopped}
                 if w is not None:
                     ts, wb, ab = m.candidates[w[0]]
@@ -231,7 +236,7 @@ def summary(rows: dict) -> dict:
     for key, r in rows.items():
         if r.get("method") == "fp_quad" or "heldout" not in r:
             continue
-        g = rows.get(f"N{r['num_steps']}/seed{r['seed']}/greedy_bits", {}).get("heldout")
+        g = rows.get(f"N{r['num_steps']}/seed{r['seed']}/greedy_bits{r.get('suffix', '')}", {}).get("heldout")
         s = out.setdefault(f"N{r['num_steps']}", {}).setdefault(r["method"], {"seeds": [], "inception_fid": [],
                                                                                "classifier_fd": []})
         s["seeds"].append(r["seed"])
