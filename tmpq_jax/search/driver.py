@@ -55,12 +55,17 @@ class SearchResult:
     log: dict  # per generation and member: genomes, scores per level, rank, level, bitops, feasible, new, seconds
     history: list
 
-    def top_unique(self, k: int) -> list[tuple[Genome, float]]:
-        """The k best distinct feasible genomes that reached full fidelity, with that fitness, best first."""
+    def scored(self) -> tuple[Genome, np.ndarray, np.ndarray]:
+        """Every logged member flattened over generations: genomes (G*P, ...), full-fidelity fitness (inf where
+        infeasible or stopped at a lower fidelity) and whether it was scored at all."""
         top_level = len(self.log["scores"][0, 0]) - 1
         fit = np.where(self.log["level"] == top_level, self.log["scores"][..., top_level], np.nan).ravel()
-        fit = nan_to_inf(fit)
         flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), self.log["genomes"])
+        return flat, nan_to_inf(fit), self.log["level"].ravel() >= 0
+
+    def top_unique(self, k: int) -> list[tuple[Genome, float]]:
+        """The k best distinct feasible genomes that reached full fidelity, with that fitness, best first."""
+        flat, fit, _ = self.scored()
         out, seen = [], set()
         for i in np.argsort(fit, kind="stable"):
             if not np.isfinite(fit[i]) or len(out) == k:

@@ -28,8 +28,8 @@ from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
 from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve
-from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, check_metric_for_model, make_metric,
-                                     nan_to_inf)
+from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, candidate_key, check_metric_for_model,
+                                     make_metric, nan_to_inf)
 from tmpq_jax.search.space import Genome, SearchSpace
 from tmpq_jax.visual import save_grid, save_plots
 
@@ -287,7 +287,7 @@ def front_budgets(c, sites: quant.SiteTable, space: SearchSpace, budget: Budget)
     lo, hi = min(space.bit_choices), max(space.bit_choices)
     limits = pareto.budget_limits(c.budgets, budget.limit, budget.cost_of(space.uniform_bits(lo)),
                                   budget.cost_of(space.uniform_bits(hi)))
-    return tuple(budget if b == budget.limit else dataclasses.replace(budget, limit=b) for b in limits)
+    return tuple(dataclasses.replace(budget, limit=b) for b in limits)
 
 
 # --- stage 2: metrics ------------------------------------------------------------------------------------------------
@@ -651,22 +651,20 @@ def candidate_pool(problem: Problem, searches: dict[str, SearchResult], extra=()
     """The pool of `searches`' logs and of `extra` finalists, deduplicated by decoded candidate (first kept)."""
     rows, seen = [], set()
 
-    def add(genome, space, fit):
-        ts, wb, ab = (x[0] for x in decode_np(space, jax.tree.map(lambda x: np.asarray(x)[None], genome)))
-        key = b"|".join(np.ascontiguousarray(x, np.int32).tobytes() for x in (ts, wb, ab))
-        if key not in seen:
-            seen.add(key)
-            rows.append(((genome, space), ts, wb, ab, float(fit)))
+    def add(genomes, space, fit):  # a population (P, ...) of one space, decoded at once
+        ts, wb, ab = decode_np(space, genomes)
+        for i in range(len(fit)):
+            key = candidate_key(ts[i], wb[i], ab[i])
+            if key not in seen:
+                seen.add(key)
+                rows.append(((jax.tree.map(lambda x: x[i], genomes), space), ts[i], wb[i], ab[i], float(fit[i])))
 
     for f in extra:
         if f is not None and f.fitness is not None:
-            add(f.genome, f.space, f.fitness)
+            add(jax.tree.map(lambda x: np.asarray(x)[None], f.genome), f.space, [f.fitness])
     for r in searches.values():
-        top = r.log["scores"].shape[-1] - 1
-        fit = nan_to_inf(np.where(r.log["level"] == top, r.log["scores"][..., top], np.nan).ravel())
-        flat = jax.tree.map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), r.log["genomes"])
-        for i in np.flatnonzero(r.log["level"].ravel() >= 0):
-            add(jax.tree.map(lambda x: x[i], flat), r.space, fit[i])
+        flat, fit, scored = r.scored()
+        add(jax.tree.map(lambda x: x[scored], flat), r.space, fit[scored])
     if not rows:
         raise RuntimeError("no candidate was scored: nothing to build a front from")
     g, ts, wb, ab, fit = zip(*rows)
@@ -842,7 +840,7 @@ def report(c, problem: Problem, evaluator: Evaluator, metric_set: MetricSet, fin
     ts, wb, ab, row_of = [], [], [], {}  # each distinct candidate is sampled once
     for k, f in todo.items():
         t, w, a = (x[0] for x in decode_np(f.space, jax.tree.map(lambda x: np.asarray(x)[None], f.genome)))
-        sig = b"|".join(np.ascontiguousarray(x, np.int32).tobytes() for x in (t, w, a))
+        sig = candidate_key(t, w, a)
         if sig not in row_of:
             row_of[sig] = len(ts)
             ts.append(t), wb.append(w), ab.append(a)
