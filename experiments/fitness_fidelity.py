@@ -5,11 +5,15 @@ correlations with bootstrap intervals (over candidates) and CPU seconds per cand
 
 python experiments/fitness_fidelity.py --out benchmarks/fitness_fidelity_cpu.json [--workdir runs/fidelity]
     [--truth_samples 500] [--fitness_samples 16,40] [--summarize_only]
-    [--visited benchmarks/search_benchmark_cpu.json --neighbours 1]
+    [--visited benchmarks/search_benchmark_cpu.json --neighbours 1 [--visited_only]]
 
 `--visited` adds the candidates searches actually visit (issue 17, item 0): every winner in a search_benchmark JSON
 at the config's N, and `--neighbours` local mutants of each (`operators.mutate_local`, 2 genes on average, repaired
-into the budget). The summary then also has correlations over the visited part alone (`<truth>/visited`).
+into the budget). The summary then also has correlations over the visited part alone (`<truth>/visited`). A winner's
+truth is taken from the benchmark JSON where it was measured on this run's truth noise (same seed, purpose and n:
+pass --config.report_noise_seed=7 --truth_samples 500 for the benchmark's defaults). `--visited_only` skips the
+hand-picked panel. Pass a --config.noise_seed no search used, so the fitness is not scored on the noise that chose
+the winners.
 
 Per-candidate rows are appended to WORKDIR/panel.jsonl as they finish, so an interrupted run continues.
 """
@@ -50,6 +54,7 @@ flags.DEFINE_integer("limit", 0, "Score only the first LIMIT panel candidates (s
 flags.DEFINE_bool("summarize_only", False, "Only recompute the summary from WORKDIR/panel.jsonl.")
 flags.DEFINE_list("visited", [], "search_benchmark JSON files whose winners (at the config's N) join the panel.")
 flags.DEFINE_integer("neighbours", 1, "Local mutants of each visited winner that join the panel.")
+flags.DEFINE_bool("visited_only", False, "Score only the --visited candidates (not the hand-picked panel).")
 
 TRUTH = ("inception_fid", "classifier_fd")
 
@@ -86,27 +91,37 @@ def panel(problem, key) -> list[tuple[str, Genome]]:
     return fixed
 
 
-def visited_panel(problem, files, neighbours: int, key) -> list[tuple[str, Genome]]:
-    """Winners of search_benchmark rows at this N, and `neighbours` local mutants of each, inside the budget."""
+def visited_panel(problem, files, neighbours: int, key, truth_noise: dict) -> tuple[list, dict]:
+    """Winners of search_benchmark rows at this N, and `neighbours` local mutants of each, inside the budget; and
+    the held-out truth a benchmark already measured for a winner, where its noise (seed, purpose, n) is the truth
+    noise of this run (name -> {metric: value}), so that it is not sampled again."""
     from tmpq_jax.search.operators import mutate_local
 
     space, budget = problem.space, problem.budget
-    out = []
+    out, known, seen = [], {}, set()
     for f in files:
-        rows = json.loads(Path(f).read_text()).get("rows", {})
-        for name, r in sorted(rows.items()):
+        bench = json.loads(Path(f).read_text())
+        same_noise = bench.get("heldout_noise") == truth_noise
+        for name, r in sorted(bench.get("rows", {}).items()):
             if r.get("num_steps") != space.num_steps or "w_bits" not in r or r.get("method") == "fp_quad":
                 continue
+            cand = (tuple(r["timesteps"]), tuple(r["w_bits"]), tuple(r["a_bits"]))
+            if cand in seen:  # e.g. greedy_bits of every seed: one panel point
+                continue
+            seen.add(cand)
             g = space.encode(r["timesteps"], r["w_bits"], r["a_bits"])
             out.append((f"visited/{name}", g))
+            if same_noise and all(m in r.get("heldout", {}) for m in TRUTH):
+                known[f"visited/{name}"] = {m: r["heldout"][m]["value"] for m in TRUTH}
             for k in range(neighbours):
                 m = jax.tree.map(np.asarray, mutate_local(jax.random.fold_in(key, len(out)), g, space, 2.0))
                 m = jax.tree.map(lambda x: x[0], budget.repair(jax.tree.map(lambda x: x[None], m), space)[0])
                 out.append((f"visited/{name}/neighbour{k}", m))
-    return out
+    return out, known
 
 
-def score_candidate(c, problem, evaluator, name, g, fitness_metrics, truth_metrics, fitness_ns, truth_ns):
+def score_candidate(c, problem, evaluator, name, g, fitness_metrics, truth_metrics, fitness_ns, truth_ns,
+                    truth=None):
     ts, wb, ab = decode_np(problem.space, jax.tree.map(lambda x: x[None], g))
     row = {"name": name, "bitops": int(problem.budget.cost_of(g)), "feasible": bool(problem.budget.is_feasible(g)),
            "timesteps": ts[0].tolist(), "mean_w_bits": float(np.average(wb[0], weights=problem.sites.macs)),
@@ -120,6 +135,9 @@ def score_candidate(c, problem, evaluator, name, g, fitness_metrics, truth_metri
             teacher = evaluator.teacher(ns) if m.paired else None
             row["fitness"][f"{m.name}@{ns.n}"] = fit_mod.finite_or_none(m(images, teacher))
             row["seconds"][f"{m.name}@{ns.n}"] = time.process_time() - t0
+    if truth is not None:  # measured by the benchmark on the same truth noise
+        row["truth"], row["truth_from_benchmark"] = dict(truth), True
+        return row
     images = evaluator.sample(ts, wb, ab, truth_ns)[0]
     row["truth"] = {m.name: fit_mod.finite_or_none(m(images)) for m in truth_metrics}
     return row
@@ -207,9 +225,10 @@ def main(argv):
         truth_ns = NoiseSet(c.report_noise_seed, "report", FLAGS.truth_samples)
         for ns in fitness_ns:
             run_mod.teacher_images(c, problem, evaluator, ns, workdir)
-        cands = panel(problem, jax.random.key(FLAGS.panel_seed))
+        cands = [] if FLAGS.visited_only else panel(problem, jax.random.key(FLAGS.panel_seed))
         order = np.random.default_rng(FLAGS.panel_seed).permutation(len(cands))  # partial results stay varied
-        visited = visited_panel(problem, FLAGS.visited, FLAGS.neighbours, jax.random.key(FLAGS.panel_seed + 1))
+        visited, known = visited_panel(problem, FLAGS.visited, FLAGS.neighbours,
+                                       jax.random.key(FLAGS.panel_seed + 1), truth_ns.describe())
         order = np.r_[order, len(cands) + np.arange(len(visited))].astype(int)
         cands = cands + visited
         order = order[: FLAGS.limit or len(order)]
@@ -220,7 +239,7 @@ def main(argv):
                 continue
             t0 = time.time()
             row = score_candidate(c, problem, evaluator, name, g, fitness_metrics, truth_metrics, fitness_ns,
-                                  truth_ns)
+                                  truth_ns, known.get(name))
             rows.append(row)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -5,7 +5,7 @@ the calibration tables are shared), every method gets --runs sampler runs on the
 candidate on `search_samples` samples; sensitivity probes on fewer samples cost less; `tmpq_jax.search.ledger`
 refuses a method that would exceed its runs). Methods:
 
-  local            sensitivities, knapsack start and its DP schedule, then the local search (algorithm 'local')
+  local            sensitivities, knapsack start, its DP schedule and greedy_bits, then the local search ('local')
   evolution        the reference GA (TMPQ-DM's operators), no warm start
   greedy_bits      the greedy rule (2 runs)
   knapsack         sensitivities and the knapsack start alone (best by fitness)
@@ -121,10 +121,12 @@ def run_method(name, m: Method):
         fill = run_mod.local.make_fill(budget, sens.w_damage, sens.a_damage)
         if name == "knapsack":
             m.score(space, jax.tree.map(lambda *x: np.stack(x), *start))
-        elif name == "local":
+        elif name == "local":  # as run_search: knapsack optima, their DP schedule and greedy_bits (charged)
             start.append(dp_schedule(m, start[len(start) // 2]))
+            greedy = run_mod.greedy_finalist(c, problem, m.ev, m.metric)
+            start += [greedy.genome] if greedy is not None else []
             m.evolve("local", run_mod.make_algorithm(c, space, tuple(problem.sites.paths)), space,
-                     start[: c.population_size - 1], fill)
+                     start[-(c.population_size - 1):], fill)
         else:
             steps = dp_schedule(m, space.seed())
             sub = space.restrict(search_timesteps=False).with_seed_timesteps(steps.timestep_idx)

@@ -35,18 +35,19 @@ def test_writes_samples_of_every_feasible_candidate(search_dir, evaluated):
     work, results = search_dir
     r, out = evaluated
     names = ["reference", "best"] + [k for k, e in results["baselines"].items() if not e.get("infeasible")]
-    assert list(r["candidates"]) == names and len(names) == 7
+    front = [f"pareto_{i}" for i, e in enumerate(results["pareto"]) if not e.get("infeasible")]
+    assert list(r["candidates"]) == names + front and len(names) == 7 and len(front) == len(results["pareto"]) == 3
     assert json.loads(out.read_text()) == r
     assert r["noise"] == {"n": N, "noise_seed": SEED, "noise_purpose": "report"}
     assert r["reference"] == "mnist-heldout" and r["bootstrap"] == B
-    for name in names:
+    for name in names + front:
         path = work / f"eval_{SEED}" / f"samples_{name}.npz"
         assert r["candidates"][name]["samples"] == str(path)
         images = np.load(path)["images"]
         assert images.shape == (N, 28, 28, 1) and images.dtype == np.float32
         assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0.1
         entry = results["reference"] if name == "reference" else results["best"] if name == "best" else \
-            results["baselines"][name]
+            results["pareto"][int(name.split("_")[1])] if name.startswith("pareto_") else results["baselines"][name]
         assert r["candidates"][name]["bitops"] == entry["bitops"]
         assert r["candidates"][name]["timesteps"] == entry["timesteps"]
     # different candidates sample different images from the same noise
