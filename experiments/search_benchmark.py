@@ -57,7 +57,8 @@ flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search use
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
 flags.DEFINE_string("metric", "", "Fitness metric of every method ('' = the config's); rows get '@METRIC'.")
 flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables, teachers and samples.")
-flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON.")
+flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON (and its plot, .png).")
+flags.DEFINE_bool("plot_only", False, "Only redraw the plot of --out.")
 
 
 def base_config(n: int):
@@ -159,10 +160,55 @@ def heldout(m: Method, key, scorer, cache: dict) -> dict:
     return cache[key]
 
 
+def plot(rows: dict, out_png: Path) -> None:
+    """Per N: each method's held-out winner per seed (Inception FID against classifier FD, with 95% intervals) and
+    its anytime curve (held-out Inception FID of the incumbent after k runs), FP DDIM-quad as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted({r["num_steps"] for r in rows.values()})
+    if not ns:
+        return
+    methods = sorted({r["method"] for r in rows.values() if r.get("method") != "fp_quad" and "heldout" in r})
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    markers = "os^Dv<>p*h"
+    fig, axes = plt.subplots(len(ns), 2, figsize=(12, 4.5 * len(ns)), squeeze=False)
+    for (ax_w, ax_a), n in zip(axes, ns):
+        fp = rows.get(f"N{n}/fp_quad", {}).get("heldout")
+        for r in (r for r in rows.values() if r["num_steps"] == n and r.get("method") != "fp_quad"
+                  and "heldout" in r):
+            h, col, mk = r["heldout"], colors[r["method"]], markers[r["seed"] % len(markers)]
+            x, y = h["inception_fid"], h["classifier_fd"]
+            ax_w.errorbar(x["value"], y["value"], xerr=[[x["value"] - x["ci95"][0]], [x["ci95"][1] - x["value"]]],
+                          yerr=[[y["value"] - y["ci95"][0]], [y["ci95"][1] - y["value"]]], color=col, marker=mk,
+                          ms=6, lw=0.7, capsize=2, label=f"{r['method']} seed {r['seed']}")
+            pts = sorted((int(k), v["inception_fid"]["value"]) for k, v in r.get("anytime", {}).items() if v)
+            if pts:
+                ax_a.plot(*zip(*pts), color=col, marker=mk, ms=4, lw=1, label=f"{r['method']} seed {r['seed']}")
+        if fp:
+            ax_w.axvline(fp["inception_fid"]["value"], color="k", ls=":", lw=1, label="FP DDIM-quad (unquantized)")
+            ax_w.axhline(fp["classifier_fd"]["value"], color="k", ls=":", lw=1)
+            ax_a.axhline(fp["inception_fid"]["value"], color="k", ls=":", lw=1, label="FP DDIM-quad (unquantized)")
+        ax_w.set(xlabel="held-out Inception FID", ylabel="held-out classifier FD",
+                 title=f"N = {n}: winners (n = {FLAGS.heldout_samples}, report seed {FLAGS.heldout_seed})")
+        ax_a.set(xlabel="sampler runs spent", ylabel="held-out Inception FID of the incumbent",
+                 title=f"N = {n}: anytime")
+        ax_w.legend(fontsize=6, ncol=2)
+        ax_a.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
 def main(argv):
     del argv
     out_path = Path(FLAGS.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    if FLAGS.plot_only:
+        plot(result.get("rows", {}), out_path.with_suffix(".png"))
+        return
     rows = result.setdefault("rows", {})
     bad = [x for x in FLAGS.methods if x not in METHODS]
     if bad:
@@ -264,6 +310,7 @@ def save(out_path: Path, result: dict) -> None:
     })
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result.get("rows", {}), out_path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
