@@ -80,6 +80,7 @@ class Method:
         self.ledger = RunLedger(runs, c.search_samples)
         self.ev = LedgerEvaluator(inner, self.ledger, self.fitness_set, candidate_key)
         self.candidates = self.ev.candidates
+        self.incumbents: list[bytes] = []  # candidate keys that join the winner's re-scoring (`winner`)
 
     def score(self, space, pop):
         ts, wb, ab = decode_np(space, pop)
@@ -126,6 +127,9 @@ def run_method(name, m: Method):
             start.append(dp_schedule(m, start[len(start) // 2]))
             greedy = run_mod.greedy_finalist(c, problem, m.ev, m.metric)
             start += [greedy.genome] if greedy is not None else []
+            if greedy is not None and c.rescore_incumbents:  # as run_search: it joins the select re-scoring
+                m.incumbents.append(candidate_key(*(x[0] for x in decode_np(space, jax.tree.map(
+                    lambda x: np.asarray(x)[None], greedy.genome)))))
             m.evolve("local", run_mod.make_algorithm(c, space, tuple(problem.sites.paths)), space,
                      start[-(c.population_size - 1):], fill)
         else:
@@ -139,8 +143,11 @@ def run_method(name, m: Method):
 
 
 def winner(m: Method):
-    """Top 3 distinct by fitness, re-scored on the select noise; the best there."""
-    recs = sorted({k: f for _, k, f in m.ledger.records if np.isfinite(f)}.items(), key=lambda kv: kv[1])[:3]
+    """Top 3 distinct by fitness, and the method's incumbents (`run.rescore`), re-scored on the select noise; the
+    best there."""
+    fits = {k: f for _, k, f in m.ledger.records if np.isfinite(f)}
+    recs = sorted(fits.items(), key=lambda kv: kv[1])[:3]
+    recs += [(k, fits[k]) for k in m.incumbents if k in fits and k not in dict(recs)]
     if not recs:
         return None
     sel = NoiseSet(m.c.noise_seed, "select", m.c.select_samples)

@@ -180,3 +180,44 @@ def test_candidates_stopped_at_a_low_fidelity_rank_by_their_score_there():
     state = algo.tell(jax.random.key(0), pop, jax.numpy.asarray(keys), state)
     np.testing.assert_allclose(np.asarray(state.top_fitness), [0.4, 0.5, 0.01, 0.02], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(state.top_primary), [0, 0, 1, 1])
+
+
+@dataclasses.dataclass
+class SelectFavours(FakeEvaluator):
+    """As FakeEvaluator, but on the select noise a candidate with every weight at `favoured_w` bits scores
+    `favoured_score` (e.g. an incumbent that the fitness samples under-rate)."""
+
+    favoured_w: int = 5
+    favoured_score: float = -1.0
+
+    def sample(self, ts, wb, ab, noise_set):
+        out = super().sample(ts, wb, ab, noise_set)
+        if noise_set.purpose == "select":
+            out[(np.asarray(wb) == self.favoured_w).all(-1)] = self.favoured_score
+        return out
+
+
+@pytest.mark.parametrize("favoured_score, incumbent_wins", [(-1.0, True), (10.0, False)])
+def test_rescore_returns_the_incumbent_only_when_it_wins_on_the_select_noise(tmp_path, favoured_score,
+                                                                             incumbent_wins):
+    import ml_collections
+
+    from tmpq_jax.search import run as run_mod
+
+    result = run(tmp_path, fake_evaluator(), generations=3)
+    c = ml_collections.ConfigDict(dict(rescore_top_k=2, noise_seed=0, search_samples=8, select_samples=16,
+                                       report_noise_seed=1, final_samples=4))
+    incumbent = run_mod.Finalist(jax.tree.map(np.asarray, SPACE.uniform_bits(5)), SPACE, 0.9, None, "greedy")
+    top_keys = {genome_key(g) for g, _ in result.top_unique(2)}
+    assert genome_key(incumbent.genome) not in top_keys  # the fitness did not keep it
+    ev = SelectFavours(None, SITES, None, None, (1,), 0, strategy="loop", favoured_score=favoured_score)
+    alone = run_mod.rescore(c, ev, MeanMetric(), result)
+    guarded = run_mod.rescore(c, ev, MeanMetric(), result, [incumbent])
+    assert genome_key(alone.genome) in top_keys and "incumbent" not in alone.note
+    if incumbent_wins:
+        assert genome_key(guarded.genome) == genome_key(incumbent.genome)
+        assert guarded.fitness == 0.9 and guarded.selection == pytest.approx(-1.0)
+        assert "an incumbent won" in guarded.note
+    else:
+        assert genome_key(guarded.genome) == genome_key(alone.genome) and guarded.selection == alone.selection
+        assert guarded.note.endswith("and 1 incumbent(s)")

@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.fidelity_keep = 0.5
     c.select_samples = 64  # top-k re-scoring noise: fold_in(key(noise_seed), 'select')
     c.rescore_top_k = 3
+    c.rescore_incumbents = True  # greedy_bits joins the re-scoring: a top-k that won on the fitness samples alone
+    # (overfitted) loses to it on the select noise (README "The local search")
     c.noise_seed = 0
     c.report_metrics = ("classifier_fd", "inception_fid")  # on the final candidates, report noise
     c.report_reference = "mnist-heldout"  # never what the fitness compares with

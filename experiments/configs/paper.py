@@ -21,6 +21,7 @@ def get_config():
     c.select_samples = 5000
     c.final_samples = 10000
     c.rescore_top_k = 10
+    c.rescore_incumbents = False  # the reference re-scores its top-k only
     c.calib_steps = 50
     c.calib_samples = 256
     c.sample_batch = 1000

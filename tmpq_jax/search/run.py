@@ -27,7 +27,7 @@ from tmpq_jax.search import knapsack, local, operators, pareto, sensitivity, tim
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
-from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve
+from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve, genome_key
 from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, candidate_key, check_metric_for_model,
                                      make_metric, nan_to_inf)
 from tmpq_jax.search.space import Genome, SearchSpace
@@ -39,7 +39,8 @@ SINGLE_AXIS = {"timestep_only": dict(search_timesteps=True, search_bits=False),
                "precision_only": dict(search_timesteps=False, search_bits=True)}
 # settings that change no search result: left out of the resume fingerprint
 NOT_IN_FINGERPRINT = ("report_metrics", "report_reference", "report_noise_seed", "final_samples", "fid_cache",
-                      "fid_batch", "sample_batch", "chunk_size", "multihost", "select_samples", "rescore_top_k")
+                      "fid_batch", "sample_batch", "chunk_size", "multihost", "select_samples", "rescore_top_k",
+                      "rescore_incumbents")
 
 
 # --- config -------------------------------------------------------------------------------------------------------
@@ -744,17 +745,27 @@ class Finalist:
     note: str = ""
 
 
-def rescore(c, evaluator: Evaluator, metric: Metric, result: SearchResult) -> Finalist:
-    """Re-score the top-k distinct candidates on the select noise; the best there wins (TMPQ-DM Sec. 4)."""
+def rescore(c, evaluator: Evaluator, metric: Metric, result: SearchResult, incumbents=()) -> Finalist:
+    """Re-score the top-k distinct candidates on the select noise; the best there wins (TMPQ-DM Sec. 4).
+
+    `incumbents` (Finalists of the same space, e.g. greedy_bits of the warm start) join the re-scoring when they are
+    not among the top-k: a search whose top-k won on the fitness samples alone (more candidates than samples) then
+    returns its incumbent, unless a candidate of its own also wins on the select noise."""
     top = result.top_unique(c.rescore_top_k)
     if not top:
         raise RuntimeError(f"search {result.name!r} found no feasible candidate in {c.generations} generations; "
                            "raise the budget")
-    genomes = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in top])
+    seen = {genome_key(g) for g, _ in top}
+    extra = [(jax.tree.map(np.asarray, f.genome), f.fitness) for f in incumbents
+             if f is not None and f.space == result.space and genome_key(f.genome) not in seen]
+    rows = top + extra
+    genomes = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in rows])
     sel = nan_to_inf(evaluator.evaluate(*decode_np(result.space, genomes), noise_sets(c)["select"], [metric])[:, 0])
     i = int(np.argmin(sel))
-    return Finalist(jax.tree.map(lambda x: x[i], genomes), result.space, top[i][1], _num(sel[i]),
-                    f"best of {len(top)} by {metric.name} on the select noise")
+    note = f"best of {len(top)} by {metric.name} on the select noise"
+    if extra:
+        note += f" and {len(extra)} incumbent(s)" + (" (an incumbent won)" if i >= len(top) else "")
+    return Finalist(jax.tree.map(lambda x: x[i], genomes), result.space, rows[i][1], _num(sel[i]), note)
 
 
 # --- stage 7: baselines -------------------------------------------------------------------------------------------------
@@ -923,7 +934,8 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     n_evals = sum(int((r.log["level"] >= 0).sum()) for r in searches.values())
     timing["candidates_per_second"] = n_evals / max(sum(float(r.log["seconds"].sum()) for r in searches.values()),
                                                     1e-9)
-    best = rescore(c, evaluator, metric_set.fitness, searches["joint"])
+    best = rescore(c, evaluator, metric_set.fitness, searches["joint"],
+                   [greedy] if c.get("rescore_incumbents", False) else [])
     front = front_finalists(c, problem, evaluator, metric_set.fitness, searches, best, [greedy])
     lap("rescore")
     baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches, greedy)
