@@ -221,3 +221,27 @@ def test_rescore_returns_the_incumbent_only_when_it_wins_on_the_select_noise(tmp
     else:
         assert genome_key(guarded.genome) == genome_key(alone.genome) and guarded.selection == alone.selection
         assert guarded.note.endswith("and 1 incumbent(s)")
+
+
+def test_warm_starts_within_the_budget_enter_as_given_and_are_not_refined():
+    from tmpq_jax.search.driver import propose
+
+    algo = EvolutionSearch(SPACE, 6, 3, 3, 2)
+    ask = jax.jit(algo.ask)
+    key = jax.random.key(0)
+    state = algo.init(key)
+    cheap = jax.tree.map(np.asarray, SPACE.uniform_bits(5))  # under the budget (W6A6): a refine would raise it
+    costly = jax.tree.map(np.asarray, SPACE.uniform_bits(8))  # over it: repaired as before
+    assert BUDGET.is_feasible(cheap) and not BUDGET.is_feasible(costly)
+
+    def raise_first_site(pop):  # a stand-in for the knapsack fill: changes every genome it gets
+        w = np.array(pop.w_bit_idx, copy=True)
+        w[:, 0] = np.maximum(w[:, 0] - 1, 0)
+        return pop.replace(w_bit_idx=w)
+
+    pop, _, cost, feasible, _ = propose(ask, key, state, SPACE, BUDGET, set(), 4, [costly, cheap], raise_first_site)
+    last = jax.tree.map(lambda x: x[-1], pop)
+    assert genome_key(last) == genome_key(cheap) and cost[-1] == BUDGET.cost_of(cheap) and feasible[-1]
+    second = jax.tree.map(lambda x: x[-2], pop)
+    assert genome_key(second) != genome_key(costly) and cost[-2] == BUDGET.cost_of(second)
+    assert (cost == BUDGET.cost_of(pop)).all()

@@ -119,6 +119,13 @@ def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, m
     if warm:
         pop = _set_rows(pop, slice(-len(warm), None), jax.tree.map(lambda *x: np.stack(x), *warm))
     pop, cost, feasible = repair(pop)
+    if warm:  # a warm start that fits the budget enters as given: `refine` must not change the incumbent
+        given = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *warm)
+        g_cost = np.asarray(budget.cost_of(given), np.int64).reshape(-1)
+        fits = np.flatnonzero(g_cost <= budget.limit)
+        rows = len(cost) - len(warm) + fits
+        pop = _set_rows(pop, rows, _rows(given, fits))
+        cost[rows], feasible[rows] = g_cost[fits], True
 
     def duplicates(pop):
         seen, dup = set(visited), []
