@@ -234,10 +234,14 @@ def test_local_search_end_to_end_counts_its_sensitivity_runs(tmp_path, fid_cache
     sys.path.insert(0, str(ROOT / "experiments" / "configs"))
     import tiny
 
-    budget = run_mod.build_problem(tiny.get_config()).budget  # pinned operands (8-bit probabilities) are not probed
+    from tmpq_jax.search import sensitivity
+
+    cfg = tiny.get_config()
+    budget = run_mod.build_problem(cfg).budget  # pinned operands (8-bit probabilities) are not probed
     searched = int(np.sum(np.asarray(budget.fixed_w) == 0) + np.sum(np.asarray(budget.fixed_a) == 0))
-    assert searched < 2 * L
-    assert int(z["runs"]) == r["timing"]["sensitivity_runs"] == 1 + searched  # all-top + one 5-bit probe each
+    probes = sensitivity.probes(budget, cfg.sensitivity_probe_bits, cfg.sensitivity_mac_share)
+    assert searched < 2 * L and 0 < len(probes) < searched  # only the sites holding mac_share of the MACs
+    assert int(z["runs"]) == r["timing"]["sensitivity_runs"] == 1 + len(probes)  # all-top + one 5-bit probe each
     assert z["w_damage"].shape == z["a_damage"].shape == (L, 4) and np.all(z["a_damage"][:, 0] == 0)
     assert r["timing"]["sampling_runs"] >= r["timing"]["sensitivity_runs"]
     first = [h for h in r["history"] if h["generation"] == 0][0]
