@@ -128,8 +128,7 @@ def run_method(name, m: Method):
             greedy = run_mod.greedy_finalist(c, problem, m.ev, m.metric)
             start += [greedy.genome] if greedy is not None else []
             if greedy is not None and c.rescore_incumbents:  # as run_search: it joins the select re-scoring
-                m.incumbents.append(candidate_key(*(x[0] for x in decode_np(space, jax.tree.map(
-                    lambda x: np.asarray(x)[None], greedy.genome)))))
+                m.incumbents.append(candidate_key(*decode_np(space, greedy.genome)))
             m.evolve("local", run_mod.make_algorithm(c, space, tuple(problem.sites.paths)), space,
                      start[-(c.population_size - 1):], fill)
         else:

@@ -116,11 +116,11 @@ def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, m
 
     pop, state = ask(key, state)
     pop = jax.tree.map(np.asarray, pop)
+    given = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *warm) if warm else None
     if warm:
-        pop = _set_rows(pop, slice(-len(warm), None), jax.tree.map(lambda *x: np.stack(x), *warm))
+        pop = _set_rows(pop, slice(-len(warm), None), given)
     pop, cost, feasible = repair(pop)
     if warm:  # a warm start that fits the budget enters as given: `refine` must not change the incumbent
-        given = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *warm)
         g_cost = np.asarray(budget.cost_of(given), np.int64).reshape(-1)
         fits = np.flatnonzero(g_cost <= budget.limit)
         rows = len(cost) - len(warm) + fits
