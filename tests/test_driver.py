@@ -245,3 +245,34 @@ def test_warm_starts_within_the_budget_enter_as_given_and_are_not_refined():
     second = jax.tree.map(lambda x: x[-2], pop)
     assert genome_key(second) != genome_key(costly) and cost[-2] == BUDGET.cost_of(second)
     assert (cost == BUDGET.cost_of(pop)).all()
+
+
+@dataclasses.dataclass
+class SelectReverses(FakeEvaluator):
+    """As FakeEvaluator, but the select noise ranks candidates in the reverse order of the fitness noise."""
+
+    def sample(self, ts, wb, ab, noise_set):
+        out = super().sample(ts, wb, ab, noise_set)
+        return -out if noise_set.purpose == "select" else out
+
+
+@pytest.mark.parametrize("evaluator_cls, picks_fitness_best", [(FakeEvaluator, True), (SelectReverses, False)])
+def test_greedy_finalist_picks_its_variant_on_the_select_noise(evaluator_cls, picks_fitness_best):
+    import ml_collections
+
+    from tmpq_jax.search import run as run_mod
+
+    c = ml_collections.ConfigDict(dict(noise_seed=0, search_samples=8, select_samples=16, report_noise_seed=1,
+                                       final_samples=4))
+    problem = run_mod.Problem(None, None, None, SITES, SPACE, BUDGET, "")
+    ev = evaluator_cls(None, SITES, None, None, (1,), 0, strategy="loop")
+    f = run_mod.greedy_finalist(c, problem, ev, MeanMetric())
+    variants = [BUDGET.greedy_bits(SPACE, a) for a in (None, SPACE.bit_choices[-2])]
+    assert genome_key(variants[0]) != genome_key(variants[1])
+    fit = [ev.evaluate(*decode_np(SPACE, jax.tree.map(lambda x: x[None], g)), run_mod.noise_sets(c)["fitness"],
+                       [MeanMetric()])[0, 0] for g in variants]
+    chosen = int(np.argmin(fit)) if picks_fitness_best else int(np.argmax(fit))
+    assert genome_key(f.genome) == genome_key(variants[chosen])
+    assert f.fitness == pytest.approx(fit[chosen]) and f.selection is not None
+    assert "select noise" in f.note
+    assert [n for _, n in ev.sample_calls] == [8, 16]  # both variants once on each noise, nothing re-sampled

@@ -773,18 +773,24 @@ def rescore(c, evaluator: Evaluator, metric: Metric, result: SearchResult, incum
 
 def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric) -> Finalist | None:
     """`greedy_bits`: lowest bits, then the smallest sites raised to the highest choice within the budget; also
-    with activations starting one choice higher; the better by the fitness is kept."""
+    with activations starting one choice higher. Both are scored on the fitness noise; when both are feasible the
+    select noise picks one, as `rescore` picks a search's winner (the fitness samples alone overfit the choice)."""
     space, budget = problem.space, problem.budget
     choices = space.bit_choices
     starts = [None] + ([choices[-2]] if len(choices) > 1 else [])
-    cands = [g for g in (budget.greedy_bits(space, a) for a in starts) if budget.is_feasible(g)]
-    if not cands:
+    rows = [(g, a) for g, a in ((budget.greedy_bits(space, a), a) for a in starts) if budget.is_feasible(g)]
+    if not rows:
         return None
-    pop = jax.tree.map(lambda *x: np.stack(x), *cands)
+    pop = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in rows])
     fit = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["fitness"], [metric])[:, 0])
-    i = int(np.argmin(fit))
-    return Finalist(cands[i], space, _num(fit[i]), None,
-                    f"greedy, activations from {starts[i] or choices[-1]} bits; better of {len(cands)} by fitness")
+    if len(rows) == 1:
+        i, sel, by = 0, None, "the only feasible one"
+    else:
+        scores = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["select"], [metric])[:, 0])
+        i = int(np.argmin(scores))
+        sel, by = _num(scores[i]), f"better of {len(rows)} on the select noise"
+    return Finalist(rows[i][0], space, _num(fit[i]), sel,
+                    f"greedy, activations from {rows[i][1] or choices[-1]} bits; {by}")
 
 
 def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric,
