@@ -56,6 +56,8 @@ flags.DEFINE_integer("heldout_samples", 500, "Report-noise samples per held-out 
 flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
 flags.DEFINE_string("metric", "", "Fitness metric of every method ('' = the config's); rows get '@METRIC'.")
+flags.DEFINE_integer("search_samples", 0, "Fitness samples per candidate (0 = the config's); a run is one candidate "
+                     "at this many samples, so --runs must shrink for equal cost; rows get '/sS'.")
 flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables, teachers and samples.")
 flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON (and its plot, .png).")
 flags.DEFINE_bool("plot_only", False, "Only redraw the plot of --out.")
@@ -67,7 +69,13 @@ def base_config(n: int):
     c.baselines = ()
     if FLAGS.metric:
         c.metric = FLAGS.metric
+    if FLAGS.search_samples:
+        c.search_samples = FLAGS.search_samples
     return c
+
+
+def row_suffix() -> str:
+    return (f"@{FLAGS.metric}" if FLAGS.metric else "") + (f"/s{FLAGS.search_samples}" if FLAGS.search_samples else "")
 
 
 class Method:
@@ -220,6 +228,8 @@ def main(argv):
     if bad:
         raise ValueError(f"--methods has unknown {bad}; valid: {list(METHODS)}")
     anytime = sorted(int(a) for a in FLAGS.anytime)
+    if FLAGS.search_samples < 0:
+        raise ValueError(f"--search_samples={FLAGS.search_samples} must be >= 1 (or 0 for the config's)")
     if any(a > FLAGS.runs or a < 1 for a in anytime):
         raise ValueError(f"--anytime {anytime} must lie in [1, --runs={FLAGS.runs}]")
     for n in (int(x) for x in FLAGS.num_steps):
@@ -245,7 +255,7 @@ def main(argv):
             save(out_path, result)
         for seed in (int(s) for s in FLAGS.seeds):
             for name in FLAGS.methods:
-                suffix = f"@{FLAGS.metric}" if FLAGS.metric else ""
+                suffix = row_suffix()
                 row_key = f"N{n}/seed{seed}/{name}{suffix}"
                 if row_key in rows and rows[row_key].get("runs_limit") == FLAGS.runs:
                     continue

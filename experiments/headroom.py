@@ -1,0 +1,152 @@
+"""Where is the room above greedy_bits? (issue 17: what limits the search.) Held-out scores of a fixed panel:
+
+  - FP (unquantized) and greedy_bits (both of its variants) at DDIM-quad and at each of --schedules: how much a
+    schedule can give the quantized model, against what it gives FP;
+  - every search winner of a search_benchmark JSON at the config's N (--visited): as found, its bits at DDIM-quad,
+    and greedy_bits' bits (the variant of the benchmark's greedy_bits row) at its schedule: whether its held-out loss comes from its bits or from its schedule.
+
+Scored on probe noise (--probe_seed, purpose 'report', --samples) that no search and no benchmark row used, against
+the held-out digits (Inception FID, classifier FD, 95% bootstrap intervals). Nothing here selects a candidate.
+
+python experiments/headroom.py --config experiments/configs/default.py --num_steps 5 \
+    --visited benchmarks/search_benchmark_cpu.json --out benchmarks/headroom_n5_cpu.json
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import heldout as ho  # noqa: E402
+from tmpq_jax import data  # noqa: E402
+from tmpq_jax.search import run as run_mod  # noqa: E402
+from tmpq_jax.search.driver import decode_np  # noqa: E402
+from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "experiments/configs/default.py", "Base config (model, calibration).")
+flags.DEFINE_integer("num_steps", 5, "N.")
+flags.DEFINE_list("schedules", ["800 600 400 199 0", "800 649 449 199 0", "800 649 449 199 28", "999 600 300 100 0",
+                                "900 550 300 120 0"], "Schedules (descending timesteps, space-separated) besides "
+                                                      "DDIM-quad.")
+flags.DEFINE_list("visited", [], "search_benchmark JSON files whose winners at N are decomposed.")
+flags.DEFINE_integer("samples", 500, "Probe-noise samples per candidate.")
+flags.DEFINE_integer("probe_seed", 31337, "Seed of the probe noise (used by no search and no benchmark row).")
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
+flags.DEFINE_string("workdir", "runs/search_benchmark", "Calibration tables (shared with the search benchmark).")
+flags.DEFINE_string("out", "benchmarks/headroom_n5_cpu.json", "Output JSON (rows saved as they finish).")
+
+
+def check_schedule(space, ts) -> np.ndarray:
+    """The schedule as group offsets; a clear error if it does not take exactly one step from each group."""
+    ts = np.asarray(ts, np.int64)
+    starts = np.asarray(space.starts)
+    ends = np.append(starts[1:], space.num_train_timesteps)
+    asc = ts[::-1]
+    if ts.shape != (len(starts),) or not np.all((asc >= starts) & (asc < ends)):
+        raise ValueError(f"schedule {ts.tolist()} must take one timestep from each group "
+                         f"{[(int(a), int(b) - 1) for a, b in zip(starts, ends)][::-1]} (descending)")
+    return (asc - starts).astype(np.int32)
+
+
+def panel(space, greedy_variants: dict, visited_rows: list, chosen: str, schedules: list[str]) -> list[dict]:
+    """The candidates (module docstring), one row per distinct candidate; `chosen` names the greedy variant whose
+    bits go to each visited winner's schedule."""
+    quad = np.asarray(space.timesteps(space.seed()))
+    rows = [{"name": "fp@quad", "timesteps": quad, "fp": True}]
+    for name, (wb, ab) in greedy_variants.items():
+        rows.append({"name": f"{name}@quad", "timesteps": quad, "w_bits": wb, "a_bits": ab})
+    for s in schedules:
+        ts = np.asarray([int(x) for x in s.split()], np.int64)
+        check_schedule(space, ts)
+        rows.append({"name": f"fp@{s}", "timesteps": ts, "fp": True})
+        for name, (wb, ab) in greedy_variants.items():
+            rows.append({"name": f"{name}@{s}", "timesteps": ts, "w_bits": wb, "a_bits": ab})
+    gw, ga = greedy_variants[chosen]
+    for key, r in visited_rows:
+        ts, wb, ab = np.asarray(r["timesteps"]), np.asarray(r["w_bits"]), np.asarray(r["a_bits"])
+        if np.array_equal(ts, quad) and np.array_equal(wb, gw) and np.array_equal(ab, ga):
+            continue
+        rows.append({"name": f"{key}", "timesteps": ts, "w_bits": wb, "a_bits": ab})
+        rows.append({"name": f"{key} bits@quad", "timesteps": quad, "w_bits": wb, "a_bits": ab})
+        rows.append({"name": f"{chosen}@{key} schedule", "timesteps": ts, "w_bits": gw, "a_bits": ga})
+    seen, out = set(), []
+    for r in rows:  # one row per distinct candidate (the first name wins)
+        k = (tuple(np.asarray(r["timesteps"]).tolist()), r.get("fp", False),
+             tuple(np.asarray(r.get("w_bits", [])).tolist()), tuple(np.asarray(r.get("a_bits", [])).tolist()))
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def main(argv):
+    del argv
+    c = ho.load_config(FLAGS.config, reconstruct=False)
+    c.num_steps = FLAGS.num_steps
+    c.baselines = ()
+    run_mod.validate_config(c)
+    problem = run_mod.build_problem(c)
+    work = Path(FLAGS.workdir) / f"N{FLAGS.num_steps}"
+    work.mkdir(parents=True, exist_ok=True)
+    tables = run_mod.calibrate(c, problem, work)
+    ev = run_mod.make_evaluator(c, problem, tables)
+    space, budget = problem.space, problem.budget
+    variants = {}
+    for a in (None, space.bit_choices[-2]):  # greedy_finalist's two variants; the first is the select-chosen one
+        g = budget.greedy_bits(space, a)
+        _, wb, ab = (x[0] for x in decode_np(space, jax.tree.map(lambda x: np.asarray(x)[None], g)))
+        variants[f"greedy_bits(a from {a or space.bit_choices[-1]})"] = (wb, ab)
+    visited, chosen = [], next(iter(variants))
+    for path in FLAGS.visited:
+        for key, r in json.loads(Path(path).read_text())["rows"].items():
+            if r.get("num_steps") != FLAGS.num_steps or "w_bits" not in r:
+                continue
+            if r.get("method", "").startswith(("local", "steps_then_bits")):
+                visited.append((key, r))
+            elif r.get("method", "").startswith("greedy_bits"):  # the variant the benchmark's select noise chose
+                chosen = next((k for k, (wb, ab) in variants.items()
+                               if wb.tolist() == r["w_bits"] and ab.tolist() == r["a_bits"]), chosen)
+    rows = panel(space, variants, visited, chosen, FLAGS.schedules)
+    out_path = Path(FLAGS.out)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    done = result.setdefault("rows", {})
+    noise = NoiseSet(FLAGS.probe_seed, "report", FLAGS.samples)
+    scorer = ho.Scorer(c, FLAGS.samples, FLAGS.bootstrap, FLAGS.probe_seed)
+    result.update({"command": "python experiments/headroom.py " + " ".join(sys.argv[1:]), "noise": noise.describe(),
+                   "reference": "mnist-heldout (500 held-out digits)", "num_steps": FLAGS.num_steps,
+                   "budget_bitops": int(budget.limit), "interval": "95% bootstrap percentile, bias-shifted",
+                   "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}"})
+    print(f"{len(rows)} candidates on {noise.describe()}", flush=True)
+    for i, r in enumerate(rows):
+        if r["name"] in done:
+            continue
+        t0 = time.time()
+        ts = np.asarray(r["timesteps"])
+        if r.get("fp"):
+            unit = data.to_unit_range(ev.sample_fp(ts, noise))
+            bitops = None
+        else:
+            wb, ab = np.asarray(r["w_bits"]), np.asarray(r["a_bits"])
+            unit = data.to_unit_range(ev.sample(ts[None], wb[None], ab[None], noise)[0])
+            bitops = int(budget.cost(wb, ab))
+        s = scorer(unit, None)
+        done[r["name"]] = {"timesteps": ts.tolist(), "fp": bool(r.get("fp", False)), "bitops": bitops,
+                           "within_budget": None if bitops is None else bool(bitops <= budget.limit),
+                           **{k: s[k] for k in ("inception_fid", "classifier_fd")}, "seconds": time.time() - t0}
+        print(f"[{i + 1}/{len(rows)}] {r['name']}: Inception FID {s['inception_fid']['value']:.1f}, classifier FD "
+              f"{s['classifier_fd']['value']:.1f} ({time.time() - t0:.0f} s)", flush=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

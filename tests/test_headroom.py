@@ -1,0 +1,40 @@
+"""experiments/headroom.py's panel (issue 17, what limits the search): no model, a synthetic space."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tmpq_jax.search.space import SearchSpace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import headroom  # noqa: E402
+
+SPACE = SearchSpace.create(num_steps=3, num_sites=2)  # quad groups [0, 200), [200, 800), [800, 1000)
+
+
+def test_a_schedule_must_take_one_step_from_each_group():
+    assert SPACE.starts == (0, 200, 800)
+    assert headroom.check_schedule(SPACE, [999, 250, 0]).tolist() == [0, 50, 199]
+    for bad in ([999, 850, 0], [799, 250, 0], [999, 250], [1000, 250, 0]):
+        with pytest.raises(ValueError, match=r"one timestep from each group \[\(800, 999\), \(200, 799\), \(0, 199\)\]"):
+            headroom.check_schedule(SPACE, bad)
+
+
+def test_panel_decomposes_each_winner_and_keeps_one_row_per_candidate():
+    g5, g6 = (np.array([8, 5]), np.array([8, 5])), (np.array([8, 5]), np.array([8, 6]))
+    variants = {"a5": g5, "a6": g6}
+    quad = [800, 200, 0]
+    visited = [("w1", {"timesteps": [900, 200, 0], "w_bits": [7, 7], "a_bits": [6, 6]}),
+               ("same_as_greedy", {"timesteps": quad, "w_bits": [8, 5], "a_bits": [8, 6]})]
+    rows = headroom.panel(SPACE, variants, visited, "a6", ["900 200 0"])
+    names = [r["name"] for r in rows]
+    # the winner's schedule is one of --schedules: its 'a6@w1 schedule' row is the same candidate as 'a6@900 200 0'
+    assert names == ["fp@quad", "a5@quad", "a6@quad", "fp@900 200 0", "a5@900 200 0", "a6@900 200 0", "w1",
+                     "w1 bits@quad"]
+    by = {r["name"]: r for r in rows}
+    assert np.asarray(by["w1 bits@quad"]["timesteps"]).tolist() == quad
+    assert np.asarray(by["w1 bits@quad"]["w_bits"]).tolist() == [7, 7]
+    assert by["fp@quad"]["fp"] and "w_bits" not in by["fp@quad"]
