@@ -37,6 +37,8 @@ flags.DEFINE_list("schedules", ["800 600 400 199 0", "800 649 449 199 0", "800 6
                                 "900 550 300 120 0"], "Schedules (descending timesteps, space-separated) besides "
                                                       "DDIM-quad.")
 flags.DEFINE_list("visited", [], "search_benchmark JSON files whose winners at N are decomposed.")
+flags.DEFINE_list("visited_rows", [], "Only these row keys of --visited (e.g. N5/seed0/local); [] = every local and "
+                  "steps_then_bits winner.")
 flags.DEFINE_integer("samples", 500, "Probe-noise samples per candidate.")
 flags.DEFINE_integer("probe_seed", 31337, "Seed of the probe noise (used by no search and no benchmark row).")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
@@ -109,7 +111,8 @@ def main(argv):
         for key, r in json.loads(Path(path).read_text())["rows"].items():
             if r.get("num_steps") != FLAGS.num_steps or "w_bits" not in r:
                 continue
-            if r.get("method", "").startswith(("local", "steps_then_bits")):
+            if r.get("method", "").startswith(("local", "steps_then_bits")) and (
+                    not FLAGS.visited_rows or key in FLAGS.visited_rows):
                 visited.append((key, r))
             elif r.get("method", "").startswith("greedy_bits"):  # the variant the benchmark's select noise chose
                 chosen = next((k for k, (wb, ab) in variants.items()
