@@ -7,6 +7,9 @@
 
 Scored on probe noise (--probe_seed, purpose 'report', --samples) that no search and no benchmark row used, against
 the held-out digits (Inception FID, classifier FD, 95% bootstrap intervals). Nothing here selects a candidate.
+Each row also gets what a search sees of it: the config's fitness on the select noise of --fitness_seed (64
+samples, paired with the FP teacher), and the sharpness of its images (mean squared 4-neighbour Laplacian, [-1, 1]
+pixels) next to the teacher's: pixel distances to the teacher reward blur (the mean of the plausible images).
 
 python experiments/headroom.py --config experiments/configs/default.py --num_steps 5 \
     --visited benchmarks/search_benchmark_cpu.json --out benchmarks/headroom_n5_cpu.json
@@ -42,6 +45,7 @@ flags.DEFINE_list("visited_rows", [], "Only these row keys of --visited (e.g. N5
 flags.DEFINE_integer("samples", 500, "Probe-noise samples per candidate.")
 flags.DEFINE_integer("probe_seed", 31337, "Seed of the probe noise (used by no search and no benchmark row).")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
+flags.DEFINE_integer("fitness_seed", 0, "Noise seed of the select noise on which each row's fitness is shown.")
 flags.DEFINE_string("workdir", "runs/search_benchmark", "Calibration tables (shared with the search benchmark).")
 flags.DEFINE_string("out", "benchmarks/headroom_n5_cpu.json", "Output JSON (rows saved as they finish).")
 
@@ -56,6 +60,13 @@ def check_schedule(space, ts) -> np.ndarray:
         raise ValueError(f"schedule {ts.tolist()} must take one timestep from each group "
                          f"{[(int(a), int(b) - 1) for a, b in zip(starts, ends)][::-1]} (descending)")
     return (asc - starts).astype(np.int32)
+
+
+def sharpness(images: np.ndarray) -> float:
+    """Mean squared 4-neighbour Laplacian of (n, H, W, C) images: high-frequency energy (blur lowers it)."""
+    x = np.asarray(images, np.float64)
+    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    return float(np.mean(lap ** 2))
 
 
 def panel(space, greedy_variants: dict, visited_rows: list, chosen: str, schedules: list[str]) -> list[dict]:
@@ -148,7 +159,24 @@ def main(argv):
               f"{s['classifier_fd']['value']:.1f} ({time.time() - t0:.0f} s)", flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    sel = NoiseSet(FLAGS.fitness_seed, "select", c.select_samples)
+    metric = run_mod.build_metrics(c).fitness
+    teacher = run_mod.teacher_images(c, problem, ev, sel, work / f"seed{FLAGS.fitness_seed}") if metric.paired else None
+    result["select_noise"] = {**sel.describe(), "metric": metric.name,
+                              "teacher_sharpness": None if teacher is None else sharpness(teacher)}
+    for r in rows:  # what the search sees of each row
+        row = done[r["name"]]
+        if "select" in row:
+            continue
+        ts = np.asarray(r["timesteps"])
+        if r.get("fp"):
+            images = ev.sample_fp(ts, sel)
+        else:
+            images = ev.sample(ts[None], np.asarray(r["w_bits"])[None], np.asarray(r["a_bits"])[None], sel)[0]
+        row["select"] = {metric.name: float(ev.score_images(images[None], sel, [metric])[0, 0]),
+                         "sharpness": sharpness(images)}
+        print(f"{r['name']}: {row['select']}", flush=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

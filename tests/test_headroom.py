@@ -38,3 +38,13 @@ def test_panel_decomposes_each_winner_and_keeps_one_row_per_candidate():
     assert np.asarray(by["w1 bits@quad"]["timesteps"]).tolist() == quad
     assert np.asarray(by["w1 bits@quad"]["w_bits"]).tolist() == [7, 7]
     assert by["fp@quad"]["fp"] and "w_bits" not in by["fp@quad"]
+
+
+def test_sharpness_is_the_mean_squared_laplacian_and_blur_lowers_it():
+    x = np.zeros((1, 5, 5, 1))
+    x[0, 2, 2, 0] = 1.0  # one bright pixel: Laplacian 4 at it, -1 at its 4 neighbours, 0 elsewhere in the 3x3 interior
+    assert headroom.sharpness(x) == pytest.approx((16 + 4 * 1) / 9)
+    rng = np.random.default_rng(0)
+    img = rng.uniform(-1, 1, (4, 12, 12, 1))
+    blurred = (img + np.roll(img, 1, 1) + np.roll(img, -1, 1) + np.roll(img, 1, 2) + np.roll(img, -1, 2)) / 5
+    assert headroom.sharpness(blurred) < 0.3 * headroom.sharpness(img)
