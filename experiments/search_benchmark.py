@@ -125,8 +125,10 @@ def run_method(name, m: Method):
             pop, _, ok = budget.repair(jax.tree.map(np.asarray, pop), space)
             m.score(space, jax.tree.map(lambda x: x[ok], pop))
     elif name in ("knapsack", "local", "steps_then_bits"):
-        sens = run_mod.site_sensitivities(c, problem, m.ev, m.metric, m.workdir)
-        m.ledger.records.clear()  # probes are not candidates of the method
+        try:
+            sens = run_mod.site_sensitivities(c, problem, m.ev, m.metric, m.workdir)
+        finally:  # probes are not candidates of the method, also when its runs ran out during them
+            m.ledger.records.clear()
         start = run_mod.knapsack_start(c, problem, sens)
         fill = run_mod.local.make_fill(budget, sens.w_damage, sens.a_damage)
         if name == "knapsack":
