@@ -2,14 +2,18 @@
 
   - FP (unquantized) and greedy_bits (both of its variants) at DDIM-quad and at each of --schedules: how much a
     schedule can give the quantized model, against what it gives FP;
+  - other structured bit mixes at DDIM-quad that local moves hardly reach (--quad_mixes: uniform WwAa, e.g. W5A7,
+    which fits the W6A6 budget; --quad_greedy_a_starts: greedy_bits from other activation widths);
   - every search winner of a search_benchmark JSON at the config's N (--visited): as found, its bits at DDIM-quad,
-    and greedy_bits' bits (the variant of the benchmark's greedy_bits row) at its schedule: whether its held-out loss comes from its bits or from its schedule.
+    and greedy_bits' bits (the variant of the benchmark's greedy_bits row) at its schedule: whether its held-out
+    loss comes from its bits or from its schedule.
 
 Scored on probe noise (--probe_seed, purpose 'report', --samples) that no search and no benchmark row used, against
 the held-out digits (Inception FID, classifier FD, 95% bootstrap intervals). Nothing here selects a candidate.
 Each row also gets what a search sees of it: the config's fitness on the select noise of --fitness_seed (64
 samples, paired with the FP teacher), and the sharpness of its images (mean squared 4-neighbour Laplacian, [-1, 1]
-pixels) next to the teacher's: pixel distances to the teacher reward blur (the mean of the plausible images).
+pixels) next to the teacher's, to test whether pixel distances reward blur (on mnist-small it does not explain
+Inception FID: README "The local search").
 
 python experiments/headroom.py --config experiments/configs/default.py --num_steps 5 \
     --visited benchmarks/search_benchmark_cpu.json --out benchmarks/headroom_n5_cpu.json
@@ -34,20 +38,27 @@ from tmpq_jax.search.driver import decode_np  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "experiments/configs/default.py", "Base config (model, calibration).")
-flags.DEFINE_integer("num_steps", 5, "N.")
-flags.DEFINE_list("schedules", ["800 600 400 199 0", "800 649 449 199 0", "800 649 449 199 28", "999 600 300 100 0",
-                                "900 550 300 120 0"], "Schedules (descending timesteps, space-separated) besides "
-                                                      "DDIM-quad.")
-flags.DEFINE_list("visited", [], "search_benchmark JSON files whose winners at N are decomposed.")
-flags.DEFINE_list("visited_rows", [], "Only these row keys of --visited (e.g. N5/seed0/local); [] = every local and "
-                  "steps_then_bits winner.")
-flags.DEFINE_integer("samples", 500, "Probe-noise samples per candidate.")
-flags.DEFINE_integer("probe_seed", 31337, "Seed of the probe noise (used by no search and no benchmark row).")
-flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
-flags.DEFINE_integer("fitness_seed", 0, "Noise seed of the select noise on which each row's fitness is shown.")
-flags.DEFINE_string("workdir", "runs/search_benchmark", "Calibration tables (shared with the search benchmark).")
-flags.DEFINE_string("out", "benchmarks/headroom_n5_cpu.json", "Output JSON (rows saved as they finish).")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("config", "experiments/configs/default.py", "Base config (model, calibration).")
+    flags.DEFINE_integer("num_steps", 5, "N.")
+    flags.DEFINE_list("schedules", ["800 600 400 199 0", "800 649 449 199 0", "800 649 449 199 28", "999 600 300 100 0",
+                                    "900 550 300 120 0"], "Schedules (descending timesteps, space-separated) besides "
+                                                          "DDIM-quad.")
+    flags.DEFINE_list("visited", [], "search_benchmark JSON files whose winners at N are decomposed.")
+    flags.DEFINE_list("visited_rows", [], "Only these row keys of --visited (e.g. N5/seed0/local); [] = every "
+                      "local and steps_then_bits winner.")
+    flags.DEFINE_list("quad_mixes", ["5/7"], "Uniform W/A mixes scored at DDIM-quad (w/a).")
+    flags.DEFINE_list("quad_greedy_a_starts", ["7"], "greedy_bits from these activation widths, at DDIM-quad.")
+    flags.DEFINE_integer("samples", 500, "Probe-noise samples per candidate.")
+    flags.DEFINE_integer("probe_seed", 31337, "Seed of the probe noise (used by no search and no benchmark row).")
+    flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
+    flags.DEFINE_integer("fitness_seed", 0, "Noise seed of the select noise on which each row's fitness is shown.")
+    flags.DEFINE_string("workdir", "runs/search_benchmark", "Calibration tables (shared with the search benchmark).")
+    flags.DEFINE_string("out", "benchmarks/headroom_n5_cpu.json", "Output JSON (rows saved as they finish).")
 
 
 def check_schedule(space, ts) -> np.ndarray:
@@ -129,6 +140,20 @@ def main(argv):
                 chosen = next((k for k, (wb, ab) in variants.items()
                                if wb.tolist() == r["w_bits"] and ab.tolist() == r["a_bits"]), chosen)
     rows = panel(space, variants, visited, chosen, FLAGS.schedules)
+    quad = np.asarray(space.timesteps(space.seed()))
+    choices = list(space.bit_choices)
+    for mix in FLAGS.quad_mixes:
+        w, a = (int(x) for x in mix.split("/"))
+        if w not in choices or a not in choices:
+            raise ValueError(f"--quad_mixes {mix!r}: bits must be among the bit choices {choices}")
+        rows.append({"name": f"uniform W{w}A{a}@quad", "timesteps": quad, "w_bits": np.full(space.num_sites, w),
+                     "a_bits": np.full(space.num_sites, a)})
+    for a in (int(x) for x in FLAGS.quad_greedy_a_starts):
+        if a not in choices:
+            raise ValueError(f"--quad_greedy_a_starts {a}: must be among the bit choices {choices}")
+        _, wb, ab = (x[0] for x in decode_np(space, jax.tree.map(lambda x: np.asarray(x)[None],
+                                                                   budget.greedy_bits(space, a))))
+        rows.append({"name": f"greedy_bits(a from {a})@quad", "timesteps": quad, "w_bits": wb, "a_bits": ab})
     out_path = Path(FLAGS.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
     done = result.setdefault("rows", {})
@@ -180,4 +205,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

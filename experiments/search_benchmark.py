@@ -46,21 +46,26 @@ METHODS = ("local", "evolution", "greedy_bits", "knapsack", "random", "timestep_
            "steps_then_bits")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "experiments/configs/default.py", "Base config (model, calibration, fitness).")
-flags.DEFINE_list("num_steps", ["5", "10"], "N values.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Search seeds (random key and fitness noise).")
-flags.DEFINE_list("methods", list(METHODS), f"Methods, of {list(METHODS)}.")
-flags.DEFINE_integer("runs", 150, "Sampler runs on the fitness noise per method.")
-flags.DEFINE_list("anytime", ["25", "50", "100", "150"], "Run counts at which the incumbent is scored held-out.")
-flags.DEFINE_integer("heldout_samples", 500, "Report-noise samples per held-out score.")
-flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
-flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
-flags.DEFINE_string("metric", "", "Fitness metric of every method ('' = the config's); rows get '@METRIC'.")
-flags.DEFINE_integer("search_samples", 0, "Fitness samples per candidate (0 = the config's); a run is one candidate "
-                     "at this many samples, so --runs must shrink for equal cost; rows get '/sS'.")
-flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables, teachers and samples.")
-flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON (and its plot, .png).")
-flags.DEFINE_bool("plot_only", False, "Only redraw the plot of --out.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("config", "experiments/configs/default.py", "Base config (model, calibration, fitness).")
+    flags.DEFINE_list("num_steps", ["5", "10"], "N values.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Search seeds (random key and fitness noise).")
+    flags.DEFINE_list("methods", list(METHODS), f"Methods, of {list(METHODS)}.")
+    flags.DEFINE_integer("runs", 150, "Sampler runs on the fitness noise per method.")
+    flags.DEFINE_list("anytime", ["25", "50", "100", "150"], "Run counts at which the incumbent is scored held-out.")
+    flags.DEFINE_integer("heldout_samples", 500, "Report-noise samples per held-out score.")
+    flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
+    flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
+    flags.DEFINE_string("metric", "", "Fitness metric of every method ('' = the config's); rows get '@METRIC'.")
+    flags.DEFINE_integer("search_samples", 0, "Fitness samples per candidate (0 = the config's); a run is one "
+                         "candidate at this many samples, so --runs must shrink for equal cost; rows get '/sS'.")
+    flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables, teachers and samples.")
+    flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON (and its plot, .png).")
+    flags.DEFINE_bool("plot_only", False, "Only redraw the plot of --out.")
 
 
 def base_config(n: int):
@@ -332,4 +337,5 @@ def save(out_path: Path, result: dict) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
