@@ -33,6 +33,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import heldout as ho  # noqa: E402
 from tmpq_jax import data  # noqa: E402
+from tmpq_jax.search import fitness as fit_mod  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import decode_np  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
@@ -56,6 +57,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("samples", 500, "Probe-noise samples per candidate.")
     flags.DEFINE_integer("probe_seed", 31337, "Seed of the probe noise (used by no search and no benchmark row).")
     flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
+    flags.DEFINE_list("fitness_metrics", [], "Fitness metrics shown on the select noise ([] = the config's).")
     flags.DEFINE_integer("fitness_seed", 0, "Noise seed of the select noise on which each row's fitness is shown.")
     flags.DEFINE_string("workdir", "runs/search_benchmark", "Calibration tables (shared with the search benchmark).")
     flags.DEFINE_string("out", "benchmarks/headroom_n5_cpu.json", "Output JSON (rows saved as they finish).")
@@ -185,20 +187,24 @@ def main(argv):
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
     sel = NoiseSet(FLAGS.fitness_seed, "select", c.select_samples)
-    metric = run_mod.build_metrics(c).fitness
-    teacher = run_mod.teacher_images(c, problem, ev, sel, work / f"seed{FLAGS.fitness_seed}") if metric.paired else None
-    result["select_noise"] = {**sel.describe(), "metric": metric.name,
+    metric_list = ([fit_mod.make_metric(m, c, c.fitness_reference) for m in FLAGS.fitness_metrics]
+                   or [run_mod.build_metrics(c).fitness])
+    teacher = (run_mod.teacher_images(c, problem, ev, sel, work / f"seed{FLAGS.fitness_seed}")
+               if any(m.paired for m in metric_list) else None)
+    result["select_noise"] = {**sel.describe(), "metrics": [m.name for m in metric_list],
                               "teacher_sharpness": None if teacher is None else sharpness(teacher)}
     for r in rows:  # what the search sees of each row
         row = done[r["name"]]
-        if "select" in row:
+        todo = [m for m in metric_list if m.name not in row.get("select", {})]
+        if not todo:
             continue
         ts = np.asarray(r["timesteps"])
         if r.get("fp"):
             images = ev.sample_fp(ts, sel)
         else:
             images = ev.sample(ts[None], np.asarray(r["w_bits"])[None], np.asarray(r["a_bits"])[None], sel)[0]
-        row["select"] = {metric.name: float(ev.score_images(images[None], sel, [metric])[0, 0]),
+        scores = ev.score_images(images[None], sel, todo)[0]
+        row["select"] = {**row.get("select", {}), **{m.name: float(v) for m, v in zip(todo, scores)},
                          "sharpness": sharpness(images)}
         print(f"{r['name']}: {row['select']}", flush=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
