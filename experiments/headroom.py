@@ -116,14 +116,8 @@ def panel(space, greedy_variants: dict, visited_rows: list, chosen: str, schedul
 def main(argv):
     del argv
     c = ho.load_config(FLAGS.config, reconstruct=False)
-    c.num_steps = FLAGS.num_steps
     c.baselines = ()
-    run_mod.validate_config(c)
-    problem = run_mod.build_problem(c)
-    work = Path(FLAGS.workdir) / f"N{FLAGS.num_steps}"
-    work.mkdir(parents=True, exist_ok=True)
-    tables = run_mod.calibrate(c, problem, work)
-    ev = run_mod.make_evaluator(c, problem, tables)
+    problem, work, _, ev = ho.problem_at(c, FLAGS.workdir, FLAGS.num_steps)
     space, budget = problem.space, problem.budget
     variants = {}
     for a in (None, space.bit_choices[-2]):  # greedy_finalist's two variants; the first is the select-chosen one

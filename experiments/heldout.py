@@ -2,11 +2,13 @@
 (Inception FID and classifier FD against the report reference, teacher MSE, 95% bootstrap intervals)."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 
 from experiments import evaluate as ev_mod
 from tmpq_jax import metrics as M
+from tmpq_jax.search import run as run_mod
 
 
 def load_config(path: str, **overrides):
@@ -17,6 +19,18 @@ def load_config(path: str, **overrides):
     for k, v in overrides.items():
         c[k] = v
     return c
+
+
+def problem_at(c, workdir: str, num_steps: int):
+    """(problem, work, tables, evaluator) of config `c` at N = num_steps; the tables are calibrated once and cached in
+    WORKDIR/N<num_steps> (shared by the benchmarks that use this workdir)."""
+    c.num_steps = num_steps
+    run_mod.validate_config(c)
+    problem = run_mod.build_problem(c)
+    work = Path(workdir) / f"N{num_steps}"
+    work.mkdir(parents=True, exist_ok=True)
+    tables = run_mod.calibrate(c, problem, work)
+    return problem, work, tables, run_mod.make_evaluator(c, problem, tables)
 
 
 class Scorer:

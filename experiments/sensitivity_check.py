@@ -39,14 +39,8 @@ flags.DEFINE_string("out", "benchmarks/sensitivity_share_cpu.json", "Output JSON
 def main(argv):
     del argv
     c = ho.load_config(FLAGS.config, reconstruct=False)
-    c.num_steps = FLAGS.num_steps
     c.sensitivity_mac_share = 1.0
-    run_mod.validate_config(c)
-    problem = run_mod.build_problem(c)
-    work = Path(FLAGS.workdir) / f"N{FLAGS.num_steps}"
-    work.mkdir(parents=True, exist_ok=True)
-    tables = run_mod.calibrate(c, problem, work)
-    ev = run_mod.make_evaluator(c, problem, tables)
+    problem, work, _, ev = ho.problem_at(c, FLAGS.workdir, FLAGS.num_steps)
     metrics = run_mod.build_metrics(c)
     run_mod.make_teachers(c, problem, ev, metrics, work / "seed0")
     t0 = time.time()
