@@ -64,15 +64,17 @@ def define_flags() -> None:
 
 
 def check_schedule(space, ts) -> np.ndarray:
-    """The schedule as group offsets; a clear error if it does not take exactly one step from each group."""
-    ts = np.asarray(ts, np.int64)
-    starts = np.asarray(space.starts)
-    ends = np.append(starts[1:], space.num_train_timesteps)
-    asc = ts[::-1]
-    if ts.shape != (len(starts),) or not np.all((asc >= starts) & (asc < ends)):
-        raise ValueError(f"schedule {ts.tolist()} must take one timestep from each group "
-                         f"{[(int(a), int(b) - 1) for a, b in zip(starts, ends)][::-1]} (descending)")
-    return (asc - starts).astype(np.int32)
+    """The schedule's group offsets (`SearchSpace.encode`, whose error names the step and its group)."""
+    top = np.full(space.num_sites, space.bit_choices[0])
+    return np.asarray(space.encode(ts, top, top).timestep_idx)
+
+
+def images(ev, row: dict, noise) -> np.ndarray:
+    """A panel row's images on `noise`, in [-1, 1]: the FP sampler for 'fp' rows, else the quantized candidate."""
+    ts = np.asarray(row["timesteps"])
+    if row.get("fp"):
+        return ev.sample_fp(ts, noise)
+    return ev.sample(ts[None], np.asarray(row["w_bits"])[None], np.asarray(row["a_bits"])[None], noise)[0]
 
 
 def sharpness(images: np.ndarray) -> float:
@@ -119,11 +121,8 @@ def main(argv):
     c.baselines = ()
     problem, work, _, ev = ho.problem_at(c, FLAGS.workdir, FLAGS.num_steps)
     space, budget = problem.space, problem.budget
-    variants = {}
-    for a in (None, space.bit_choices[-2]):  # greedy_finalist's two variants; the first is the select-chosen one
-        g = budget.greedy_bits(space, a)
-        _, wb, ab = (x[0] for x in decode_np(space, jax.tree.map(lambda x: np.asarray(x)[None], g)))
-        variants[f"greedy_bits(a from {a or space.bit_choices[-1]})"] = (wb, ab)
+    variants = {f"greedy_bits(a from {a or space.bit_choices[-1]})": decode_np(space, g)[1:]
+                for g, a in run_mod.greedy_variants(space, budget)}  # greedy_finalist's candidates
     visited, chosen = [], next(iter(variants))
     for path in FLAGS.visited:
         for key, r in json.loads(Path(path).read_text())["rows"].items():
@@ -147,8 +146,7 @@ def main(argv):
     for a in (int(x) for x in FLAGS.quad_greedy_a_starts):
         if a not in choices:
             raise ValueError(f"--quad_greedy_a_starts {a}: must be among the bit choices {choices}")
-        _, wb, ab = (x[0] for x in decode_np(space, jax.tree.map(lambda x: np.asarray(x)[None],
-                                                                   budget.greedy_bits(space, a))))
+        _, wb, ab = decode_np(space, budget.greedy_bits(space, a))
         rows.append({"name": f"greedy_bits(a from {a})@quad", "timesteps": quad, "w_bits": wb, "a_bits": ab})
     out_path = Path(FLAGS.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
@@ -164,16 +162,9 @@ def main(argv):
         if r["name"] in done:
             continue
         t0 = time.time()
-        ts = np.asarray(r["timesteps"])
-        if r.get("fp"):
-            unit = data.to_unit_range(ev.sample_fp(ts, noise))
-            bitops = None
-        else:
-            wb, ab = np.asarray(r["w_bits"]), np.asarray(r["a_bits"])
-            unit = data.to_unit_range(ev.sample(ts[None], wb[None], ab[None], noise)[0])
-            bitops = int(budget.cost(wb, ab))
-        s = scorer(unit, None)
-        done[r["name"]] = {"timesteps": ts.tolist(), "fp": bool(r.get("fp", False)), "bitops": bitops,
+        s = scorer(data.to_unit_range(images(ev, r, noise)), None)
+        bitops = None if r.get("fp") else int(budget.cost(r["w_bits"], r["a_bits"]))
+        done[r["name"]] = {"timesteps": np.asarray(r["timesteps"]).tolist(), "fp": bool(r.get("fp", False)), "bitops": bitops,
                            "within_budget": None if bitops is None else bool(bitops <= budget.limit),
                            **{k: s[k] for k in ("inception_fid", "classifier_fd")}, "seconds": time.time() - t0}
         print(f"[{i + 1}/{len(rows)}] {r['name']}: Inception FID {s['inception_fid']['value']:.1f}, classifier FD "
@@ -192,14 +183,10 @@ def main(argv):
         todo = [m for m in metric_list if m.name not in row.get("select", {})]
         if not todo:
             continue
-        ts = np.asarray(r["timesteps"])
-        if r.get("fp"):
-            images = ev.sample_fp(ts, sel)
-        else:
-            images = ev.sample(ts[None], np.asarray(r["w_bits"])[None], np.asarray(r["a_bits"])[None], sel)[0]
-        scores = ev.score_images(images[None], sel, todo)[0]
+        x = images(ev, r, sel)
+        scores = ev.score_images(x[None], sel, todo)[0]
         row["select"] = {**row.get("select", {}), **{m.name: float(v) for m, v in zip(todo, scores)},
-                         "sharpness": sharpness(images)}
+                         "sharpness": sharpness(x)}
         print(f"{r['name']}: {row['select']}", flush=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -241,18 +241,13 @@ def main(argv):
         raise ValueError(f"--anytime {anytime} must lie in [1, --runs={FLAGS.runs}]")
     for n in (int(x) for x in FLAGS.num_steps):
         c0 = base_config(n)
-        run_mod.validate_config(c0)
-        problem = run_mod.build_problem(c0)
-        work = Path(FLAGS.workdir) / f"N{n}"
-        work.mkdir(parents=True, exist_ok=True)
-        tables = run_mod.calibrate(c0, problem, work)
+        problem, work, tables, ev = ho.problem_at(c0, FLAGS.workdir, n)
         metric = run_mod.build_metrics(c0).fitness
         scorer = ho.Scorer(c0, FLAGS.heldout_samples, FLAGS.bootstrap, FLAGS.heldout_seed)
         scored: dict = {}
         fp_key = f"N{n}/fp_quad"
         if fp_key not in rows:  # FP DDIM-quad at N steps, unquantized: where quantized winners stand
             ts = np.asarray(problem.space.timesteps(problem.space.seed()))
-            ev = run_mod.make_evaluator(c0, problem, tables)
             unit = data.to_unit_range(ev.sample_fp(ts, NoiseSet(FLAGS.heldout_seed, "report", FLAGS.heldout_samples)))
             out = scorer(unit, None)
             rows[fp_key] = {"num_steps": n, "method": "fp_quad", "timesteps": ts.tolist(), "runs_spent": 0,

@@ -18,8 +18,11 @@ SPACE = SearchSpace.create(num_steps=3, num_sites=2)  # quad groups [0, 200), [2
 def test_a_schedule_must_take_one_step_from_each_group():
     assert SPACE.starts == (0, 200, 800)
     assert headroom.check_schedule(SPACE, [999, 250, 0]).tolist() == [0, 50, 199]
-    for bad in ([999, 850, 0], [799, 250, 0], [999, 250], [1000, 250, 0]):
-        with pytest.raises(ValueError, match=r"one timestep from each group \[\(800, 999\), \(200, 799\), \(0, 199\)\]"):
+    for bad, why in (([999, 850, 0], r"timestep 850 is outside its group 1: \[200, 799\]"),
+                     ([799, 250, 0], r"timestep 799 is outside its group 2: \[800, 999\]"),
+                     ([999, 250], r"2 timesteps for N=3 groups"),
+                     ([1000, 250, 0], r"timestep 1000 is outside its group 2: \[800, 999\]")):
+        with pytest.raises(ValueError, match=why):
             headroom.check_schedule(SPACE, bad)
 
 

@@ -771,14 +771,21 @@ def rescore(c, evaluator: Evaluator, metric: Metric, result: SearchResult, incum
 # --- stage 7: baselines -------------------------------------------------------------------------------------------------
 
 
+def greedy_variants(space: SearchSpace, budget: Budget) -> list[tuple[Genome, int | None]]:
+    """(genome, activation start) of `greedy_bits` from the lowest activation choice (start None) and from the
+    next one up, where there is one."""
+    choices = space.bit_choices
+    starts = [None] + ([choices[-2]] if len(choices) > 1 else [])
+    return [(budget.greedy_bits(space, a), a) for a in starts]
+
+
 def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric) -> Finalist | None:
     """`greedy_bits`: lowest bits, then the smallest sites raised to the highest choice within the budget; also
     with activations starting one choice higher. Both are scored on the fitness noise; when both are feasible the
     select noise picks one, as `rescore` picks a search's winner (the fitness samples alone overfit the choice)."""
     space, budget = problem.space, problem.budget
     choices = space.bit_choices
-    starts = [None] + ([choices[-2]] if len(choices) > 1 else [])
-    rows = [(g, a) for g, a in ((budget.greedy_bits(space, a), a) for a in starts) if budget.is_feasible(g)]
+    rows = [(g, a) for g, a in greedy_variants(space, budget) if budget.is_feasible(g)]
     if not rows:
         return None
     pop = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in rows])
