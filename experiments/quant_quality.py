@@ -5,6 +5,9 @@ Stages (each adds one technique to the one before; README "Calibration"):
   groups   + ranges per timestep group, from trajectories of the DDIM-quad seed and random one-per-group schedules
   split    + separate ranges for the up-path and skip channels of up blocks' shortcut inputs
   learned  + learned rounding and activation step sizes per block and bit-width (AdaRound / BRECQ)
+  first_last          split, with the first and last layer (conv_in, conv_out) at W8A8 (the default)
+  first_last_learned  learned, with the first and last layer at W8A8
+The first four stages quantize the first and last layer like every other site (first_last_bits=0).
 
 Every row is sampled on held-out report noise (`--noise_seed`, purpose 'report', which no search uses) and scored
 against the report reference (the 500 held-out digits): Inception FID and classifier FD with 95% bootstrap
@@ -18,6 +21,7 @@ python experiments/quant_quality.py --num_samples 500 --noise_seed 7 --schedules
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,28 +36,43 @@ from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
 
+_FL0 = dict(first_last_bits=0)
 STAGES = {
-    "mse": dict(calib_trajectories="uniform", calib_ranges="shared", split_skip=False, reconstruct=False),
-    "groups": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False),
-    "split": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=False),
-    "learned": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=True),
+    "mse": dict(calib_trajectories="uniform", calib_ranges="shared", split_skip=False, reconstruct=False, **_FL0),
+    "groups": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False,
+                   **_FL0),
+    "split": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=False,
+                  **_FL0),
+    "learned": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=True,
+                    **_FL0),
+    "first_last": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=False,
+                       first_last_bits=8),
+    "first_last_learned": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True,
+                               reconstruct=True, first_last_bits=8),
 }
 METRICS = ("inception_fid", "classifier_fd", "teacher_mse")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "experiments/configs/default.py", "Search config (model, checkpoint, calibration).")
-flags.DEFINE_list("stages", list(STAGES), f"Calibration stages, from {list(STAGES)}.")
-flags.DEFINE_list("schedules", ["quad10", "uniform100"], "quadN: DDIM-quad (the space's seed) at N = num_steps; "
-                  "uniformN: N uniform steps.")
-flags.DEFINE_list("bits", ["8/8", "7/7", "6/6", "5/6", "6/5", "5/5", "7/5"], "Uniform w/a bit-widths.")
-flags.DEFINE_list("bits_100", [], "Bit-widths at schedules of more than 20 steps (default: --bits).")
-flags.DEFINE_integer("num_samples", 500, "Samples per row (held-out report noise).")
-flags.DEFINE_integer("noise_seed", 7, "Seed of the report noise (the search reports on config.report_noise_seed).")
-flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% intervals.")
-flags.DEFINE_string("workdir", "runs/calibration", "Tables (one folder per stage) and sampled rows.")
-flags.DEFINE_string("out", "benchmarks/calibration_mnist-small_cpu.json", "Output JSON.")
-flags.DEFINE_bool("sample_only", False, "Calibrate and sample every row into --workdir without scoring (e.g. on an "
-                  "accelerator without the Inception weights); a later run on that workdir scores the saved images.")
+
+
+def define_flags():
+    """The script's flags (defined only when run as a script, so tests can import it next to other scripts)."""
+    flags.DEFINE_string("config", "experiments/configs/default.py", "Search config (model, checkpoint, calibration).")
+    flags.DEFINE_list("stages", list(STAGES), f"Calibration stages, from {list(STAGES)}.")
+    flags.DEFINE_list("schedules", ["quad10", "uniform100"], "quadN: DDIM-quad (the space's seed) at N = num_steps; "
+                      "uniformN: N uniform steps.")
+    flags.DEFINE_list("bits", ["8/8", "7/7", "6/6", "5/6", "6/5", "5/5", "7/5"], "Uniform w/a bit-widths.")
+    flags.DEFINE_list("bits_100", [], "Bit-widths at schedules of more than 20 steps (default: --bits).")
+    flags.DEFINE_list("only", [], "NAME=REGEX: also rows with --bits only at the sites whose path matches REGEX and "
+                      "W8A8 elsewhere (where a bit-width costs), keyed '<schedule>/<stage>/w<W>a<A>@NAME'.")
+    flags.DEFINE_integer("num_samples", 500, "Samples per row (held-out report noise).")
+    flags.DEFINE_integer("noise_seed", 7, "Seed of the report noise (the search reports on config.report_noise_seed).")
+    flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the 95% intervals.")
+    flags.DEFINE_string("workdir", "runs/calibration", "Tables (one folder per stage) and sampled rows.")
+    flags.DEFINE_string("out", "benchmarks/calibration_mnist-small_cpu.json", "Output JSON.")
+    flags.DEFINE_bool("sample_only", False, "Calibrate and sample every row into --workdir without scoring (e.g. on "
+                      "an accelerator without the Inception weights); a later run on that workdir scores the saved "
+                      "images.")
 
 
 def load_config(path: str, stage: str):
@@ -69,6 +88,25 @@ def schedule(name: str, problem) -> np.ndarray:
     if name.startswith("uniform"):
         return diffusion.uniform_timesteps(int(name[7:]), problem.spec.schedule.num_train_timesteps)
     raise ValueError(f"unknown schedule {name!r}; valid: quadN, uniformN")
+
+
+def parse_only(entries) -> list[tuple[str, str]]:
+    """--only NAME=REGEX entries -> [(name, regex)]; ValueError on a malformed entry or regex."""
+    out = []
+    for e in entries:
+        name, sep, pattern = e.partition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"--only {e!r}: expected NAME=REGEX, e.g. conv_in=conv_in$")
+        re.compile(pattern)
+        out.append((name, pattern))
+    return out
+
+
+def row_bits(paths, w: int, a: int, pattern: str | None):
+    """(w_bits (1, L), a_bits (1, L), the sites that take w / a): WwAa at every site (pattern None) or only at the
+    sites whose path matches `pattern`, W8A8 elsewhere. Pinned sites (rules) keep their pins when sampled."""
+    hit = np.array([pattern is None or re.search(pattern, p) is not None for p in paths])
+    return np.where(hit, w, 8)[None].astype(np.int32), np.where(hit, a, 8)[None].astype(np.int32), hit
 
 
 def parse_bits(s: str) -> tuple[int, int]:
@@ -112,23 +150,27 @@ def main(argv):
                                  **scorer(fp_images[sched_name], fp_images[sched_name])}
                     save(out_path, result, rows)
             bit_list = FLAGS.bits_100 if (len(ts) > 20 and FLAGS.bits_100) else FLAGS.bits
-            for bits in bit_list:
-                key = f"{sched_name}/{stage}/w{bits.replace('/', 'a')}"
+            for bits, (part, pattern) in [(b, o) for b in bit_list for o in [(None, None), *parse_only(FLAGS.only)]]:
+                at = f"@{part}" if part else ""
+                key = f"{sched_name}/{stage}/w{bits.replace('/', 'a')}{at}"
                 if key in rows and rows[key].get("calibration") == calib and not FLAGS.sample_only:
                     continue
                 if key in rows:
                     print(f"{key}: sampled under other calibration settings; resampling", flush=True)
                 w, a = parse_bits(bits)
-                wv, av = np.full((1, len(problem.sites)), w, np.int32), np.full((1, len(problem.sites)), a, np.int32)
+                wv, av, hit = row_bits(problem.sites.paths, w, a, pattern)
                 t1 = time.time()
-                unit = images_for(work / stage / f"{sched_name}_w{w}a{a}.npz",
+                unit = images_for(work / stage / f"{sched_name}_w{w}a{a}{at.replace('@', '_at_')}.npz",
                                   lambda: evaluator.sample(ts[None], wv, av, noise_set)[0],
                                   {"tables": meta["sha256"], "noise": noise_set.describe(), "timesteps": ts.tolist(),
-                                   "bits": [w, a], "sample_batch": c.sample_batch})
+                                   "bits": [w, a], "sample_batch": c.sample_batch,
+                                   **({"only": pattern} if part else {})})
                 if FLAGS.sample_only:
                     print(f"{key}: sampled in {time.time() - t1:.0f} s", flush=True)
                     continue
                 rows[key] = {"schedule": sched_name, "stage": stage, "bits": f"W{w}A{a}", "calibration": calib,
+                             **({"only": {"name": part, "pattern": pattern, "sites": int(hit.sum()),
+                                          "elsewhere": "W8A8"}} if part else {}),
                              "bitops": quant.bitops(problem.sites, wv[0], av[0], len(ts)),
                              "sample_seconds": time.time() - t1, **scorer(unit, fp_images[sched_name])}
                 print(key, {m: rows[key][m]["value"] for m in METRICS}, flush=True)
@@ -157,7 +199,9 @@ def save(out_path: Path, result: dict, rows: dict) -> None:
         "teacher_mse": "per-sample pixel MSE ([-1, 1]) to FP32 at the same schedule and noise",
         "interval": "95% bootstrap percentile interval over noise rows, bias-shifted",
         "stages": {k: STAGES[k] for k in STAGES},
-        "note": "attention probabilities stay at 8 bits (default rule); W and A bits uniform over all other sites",
+        "note": "attention probabilities stay at 8 bits (default rule), and in the first_last stages the first and "
+                "last layer (conv_in, conv_out) at W8A8; W and A bits uniform over all other sites (rows with 'only': "
+                "at the sites it names, W8A8 elsewhere)",
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
         "command": "python experiments/quant_quality.py " + " ".join(sys.argv[1:]),
         "rows": rows,
@@ -167,4 +211,5 @@ def save(out_path: Path, result: dict, rows: dict) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -87,8 +87,11 @@ def test_every_reported_bitops_is_recomputed_from_its_bits_and_macs(tiny_run):
         assert entry["bitops"] == cost, name
         assert entry["within_budget"] == (cost <= r["budget_bitops"])
     assert r["reference"]["bitops"] == sum(macs.values()) * 32 * 32 * r["config"]["reference_steps"]
-    # the budget: uniform W6A6, with the attention probabilities pinned at 8 bits (probs_8bit)
-    w6 = sum(m * 6 * (8 if p.endswith("/av") else 6) for p, m in macs.items()) * steps
+    # the budget: uniform W6A6, with the attention probabilities (probs_8bit) and the first and last layer
+    # (first_last_bits, weights and activations) pinned at 8 bits
+    first_last = ("unet/conv_in", "unet/conv_out")
+    w6 = sum(m * (8 if p in first_last else 6) * (8 if p.endswith("/av") or p in first_last else 6)
+             for p, m in macs.items()) * steps
     assert r["budget_bitops"] == w6 == r["baselines"]["uniform_w6a6"]["bitops"]
 
 

@@ -408,6 +408,47 @@ def test_rules_pin_bits_and_reject_unmatched_patterns(tiny):
         quant.sites.apply_rules(list(tiny.sites.sites), [quant.QuantRule("no_such_layer", a_bits=8)])
 
 
+def _site(path, **kw):
+    return quant.Site(path, "conv", 100, 4, kernel_shape=(3, 3, 2, 4), **kw)
+
+
+@pytest.mark.parametrize("paths,error", [
+    (["unet/conv_in", "unet/mid/conv1", "unet/conv_out"], None),
+    (["conv_in", "block/conv", "conv_out"], None),  # a top-level model
+    (["unet/mid/conv1", "unet/conv_out"], r"0 sites match '\(\^\|/\)conv_in\$' \(\[\]"),
+    (["unet/conv_in", "vae/conv_in", "unet/conv_out"], r"2 sites match .*'unet/conv_in', 'vae/conv_in'"),
+    (["unet/conv_in", "unet/conv_out_proj"], r"0 sites match '\(\^\|/\)conv_out\$'"),
+])
+def test_pin_first_last_pins_exactly_conv_in_and_conv_out(paths, error):
+    sites = quant.SiteTable(tuple(_site(p) for p in paths))
+    if error:
+        with pytest.raises(ValueError, match=error):
+            quant.pin_first_last(sites, 8)
+        return
+    pinned = quant.pin_first_last(sites, 8)
+    assert [(s.fixed_w_bits, s.fixed_a_bits) for s in pinned.sites] == [(8, 8), (0, 0), (8, 8)]
+
+
+def test_pin_first_last_keeps_a_rules_pin_and_rejects_bad_bits():
+    sites = quant.SiteTable((_site("unet/conv_in", fixed_a_bits=16), _site("unet/conv_out")))
+    pinned = quant.pin_first_last(sites, 7)
+    assert [(s.fixed_w_bits, s.fixed_a_bits) for s in pinned.sites] == [(7, 16), (7, 7)]
+    with pytest.raises(ValueError, match="first_last_bits"):
+        quant.pin_first_last(sites, 1)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODEL_SPECS))
+def test_every_built_in_model_has_one_first_and_one_last_layer(name):
+    spec = models.get_spec(name)
+    model = models.build_model(spec)
+    sites = quant.discover_sites(lambda p, *a: model.apply({"params": p}, *a), models.param_shapes(spec),
+                                 models.example_inputs(spec), rules=())
+    pinned = quant.pin_first_last(sites, 8)
+    hit = [s.path for s in pinned.sites if s.fixed_w_bits == 8]
+    assert [p.split("/")[-1] for p in hit] == ["conv_in", "conv_out"]
+    assert sites.paths.index(hit[1]) == len(sites) - 1  # the last site is the last layer
+
+
 # --- BitOPs -------------------------------------------------------------------------------------------------------
 
 

@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.bit_choices = (8, 7, 6, 5)
     c.seed_bits = 6
     c.probs_8bit = True  # attention probabilities at 8 bits, as in the reference code
+    # the first and last layer (conv_in reads x_t, conv_out writes the prediction) at 8-bit weights and activations,
+    # as in BRECQ-style PTQ code; 0: searched like the others. 6-bit activations at conv_in alone cost as much as
+    # everywhere (README "Calibration"); the pins are in every candidate's BitOPs and in the budget
+    c.first_last_bits = 8
     c.rules = []  # e.g. [dict(pattern="conv_in$", w_bits=8, a_bits=8)]
     # budget (exact integer BitOPs per image, all sampling steps)
     c.budget_bits = 6  # uniform W6A6 at num_steps ...

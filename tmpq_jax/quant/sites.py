@@ -296,5 +296,34 @@ def apply_rules(sites: list[Site], rules: Sequence[QuantRule]) -> list[Site]:
     return out
 
 
+# the UNet's first and last layer in diffusers' naming (every built-in family and diffusers checkpoint)
+FIRST_LAST_PATTERNS = (r"(^|/)conv_in$", r"(^|/)conv_out$")
+
+
+def pin_first_last(sites: SiteTable, bits: int) -> SiteTable:
+    """Pin the weights and activations of the model's first layer (`conv_in`: it reads the noisy sample x_t) and
+    last layer (`conv_out`) at `bits`, the convention of BRECQ-style PTQ code (its "8-bit head and stem"). A pin
+    a rule already set on these sites is kept. Raises ValueError unless each name matches exactly one site.
+
+    Measured on mnist-small at N = 10 (README "Calibration"): 6-bit activations at conv_in alone cost as much
+    Inception FID as 6-bit activations everywhere, at 0.1% of the MACs.
+    """
+    from tmpq_jax.quant.fake_quant import check_bits
+
+    check_bits([bits], "first_last_bits")
+    out = list(sites.sites)
+    for pattern in FIRST_LAST_PATTERNS:
+        hits = [i for i, s in enumerate(out) if re.search(pattern, s.path)]
+        if len(hits) != 1:
+            raise ValueError(f"first_last_bits pins the model's first and last layer, found by the names conv_in "
+                             f"and conv_out, but {len(hits)} sites match {pattern!r} "
+                             f"({[out[i].path for i in hits[:3]]}; paths look like {out[0].path!r}): set "
+                             f"config.first_last_bits=0 and pin these layers with config.rules")
+        s = out[hits[0]]
+        out[hits[0]] = dataclasses.replace(s, fixed_w_bits=s.fixed_w_bits or bits,
+                                           fixed_a_bits=s.fixed_a_bits or bits)
+    return SiteTable(tuple(out))
+
+
 def kernel_key(path: str) -> tuple[str, ...]:
     return tuple(path.split("/")) + ("kernel",)

@@ -137,6 +137,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          "an integer >= 1 (the DDIM-quad seed plus calib_schedules - 1 random schedules)")
     for name in ("split_skip", "reconstruct"):
         need(name, isinstance(c[name], bool), "True or False")
+    need("first_last_bits", isinstance(c.first_last_bits, int) and (c.first_last_bits == 0 or
+                                                                   2 <= c.first_last_bits <= 16),
+         "0 (the first and last layer are searched like the others) or a bit-width in [2, 16]")
     need("recon_samples", isinstance(c.recon_samples, int) and c.recon_samples >= 1, "an integer >= 1")
     recon_settings(c).check()
     # the local search's sensitivities and knapsack start
@@ -269,6 +272,8 @@ def build_problem(c, workdir: Path | None = None) -> Problem:
     rules = [quant.QuantRule(**dict(r)) for r in c.rules] + (list(quant.DEFAULT_RULES) if c.probs_8bit else [])
     sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules,
                                  split_skip=c.split_skip)
+    if c.first_last_bits:
+        sites = quant.pin_first_last(sites, c.first_last_bits)
     if spec.unet_passes_per_step > 1:  # classifier-free guidance: every site runs once per pass
         sites = quant.SiteTable(tuple(dataclasses.replace(s, macs=s.macs * spec.unet_passes_per_step)
                                       for s in sites.sites))
