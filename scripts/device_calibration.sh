@@ -9,6 +9,6 @@ set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
-timeout ${CALIB_TIMEOUT:-480} python3 experiments/quant_quality.py --sample_only --stages ${STAGES:-split,learned,groups,mse} \
+timeout ${CALIB_TIMEOUT:-480} python3 experiments/quant_quality.py --sample_only --stages ${STAGES:-first_last,first_last_learned,split,learned,groups,mse} \
   --schedules uniform100 --bits 8/8,7/7,6/6,5/6,6/5,5/5 --num_samples 500 --noise_seed 7 \
   --workdir $OUT/calibration 2>&1 | tr '\r' '\n' | grep -v -i "warn\|%|" | tail -60 | tee $OUT/calibration_log.txt
