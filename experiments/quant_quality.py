@@ -36,19 +36,17 @@ from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
 
-_FL0 = dict(first_last_bits=0)
+_GROUPS = dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False,
+               first_last_bits=0)
+_SPLIT = {**_GROUPS, "split_skip": True}
+_LEARNED = {**_SPLIT, "reconstruct": True}
 STAGES = {
-    "mse": dict(calib_trajectories="uniform", calib_ranges="shared", split_skip=False, reconstruct=False, **_FL0),
-    "groups": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False,
-                   **_FL0),
-    "split": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=False,
-                  **_FL0),
-    "learned": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=True,
-                    **_FL0),
-    "first_last": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True, reconstruct=False,
-                       first_last_bits=8),
-    "first_last_learned": dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=True,
-                               reconstruct=True, first_last_bits=8),
+    "mse": {**_GROUPS, "calib_trajectories": "uniform", "calib_ranges": "shared"},
+    "groups": _GROUPS,
+    "split": _SPLIT,
+    "learned": _LEARNED,
+    "first_last": {**_SPLIT, "first_last_bits": 8},
+    "first_last_learned": {**_LEARNED, "first_last_bits": 8},
 }
 METRICS = ("inception_fid", "classifier_fd", "teacher_mse")
 
@@ -116,6 +114,7 @@ def parse_bits(s: str) -> tuple[int, int]:
 
 def main(argv):
     del argv
+    only = parse_only(FLAGS.only)  # before any calibration
     out_path = Path(FLAGS.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
     rows = result.get("rows", {})
@@ -150,7 +149,7 @@ def main(argv):
                                  **scorer(fp_images[sched_name], fp_images[sched_name])}
                     save(out_path, result, rows)
             bit_list = FLAGS.bits_100 if (len(ts) > 20 and FLAGS.bits_100) else FLAGS.bits
-            for bits, (part, pattern) in [(b, o) for b in bit_list for o in [(None, None), *parse_only(FLAGS.only)]]:
+            for bits, (part, pattern) in [(b, o) for b in bit_list for o in [(None, None), *only]]:
                 at = f"@{part}" if part else ""
                 key = f"{sched_name}/{stage}/w{bits.replace('/', 'a')}{at}"
                 if key in rows and rows[key].get("calibration") == calib and not FLAGS.sample_only:
