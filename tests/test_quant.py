@@ -412,29 +412,37 @@ def _site(path, **kw):
     return quant.Site(path, "conv", 100, 4, kernel_shape=(3, 3, 2, 4), **kw)
 
 
+def _pin_first_last(sites, bits, user_rules=()):
+    """The rules as build_problem orders them: first and last layer first, a user's rules after (theirs win)."""
+    return quant.SiteTable(tuple(quant.sites.apply_rules(list(sites.sites),
+                                                         [*quant.first_last_rules(bits), *user_rules])))
+
+
 @pytest.mark.parametrize("paths,error", [
     (["unet/conv_in", "unet/mid/conv1", "unet/conv_out"], None),
     (["conv_in", "block/conv", "conv_out"], None),  # a top-level model
-    (["unet/mid/conv1", "unet/conv_out"], r"0 sites match '\(\^\|/\)conv_in\$' \(\[\]"),
-    (["unet/conv_in", "vae/conv_in", "unet/conv_out"], r"2 sites match .*'unet/conv_in', 'vae/conv_in'"),
-    (["unet/conv_in", "unet/conv_out_proj"], r"0 sites match '\(\^\|/\)conv_out\$'"),
+    (["unet/mid/conv1", "unet/conv_out"], r"'\(\^\|/\)conv_in\$' matches no site.*first_last_bits.*set it to 0"),
+    (["unet/conv_in", "vae/conv_in", "unet/conv_out"],
+     r"must match one site, but matches 2 \(\['unet/conv_in', 'vae/conv_in'\]\).*first_last_bits"),
+    (["unet/conv_in", "unet/conv_out_proj"], r"'\(\^\|/\)conv_out\$' matches no site"),
 ])
-def test_pin_first_last_pins_exactly_conv_in_and_conv_out(paths, error):
+def test_first_last_rules_pin_exactly_conv_in_and_conv_out(paths, error):
     sites = quant.SiteTable(tuple(_site(p) for p in paths))
     if error:
         with pytest.raises(ValueError, match=error):
-            quant.pin_first_last(sites, 8)
+            _pin_first_last(sites, 8)
         return
-    pinned = quant.pin_first_last(sites, 8)
+    pinned = _pin_first_last(sites, 8)
     assert [(s.fixed_w_bits, s.fixed_a_bits) for s in pinned.sites] == [(8, 8), (0, 0), (8, 8)]
 
 
-def test_pin_first_last_keeps_a_rules_pin_and_rejects_bad_bits():
-    sites = quant.SiteTable((_site("unet/conv_in", fixed_a_bits=16), _site("unet/conv_out")))
-    pinned = quant.pin_first_last(sites, 7)
+def test_first_last_rules_yield_to_a_users_rule_and_reject_bad_bits():
+    sites = quant.SiteTable((_site("unet/conv_in"), _site("unet/conv_out")))
+    pinned = _pin_first_last(sites, 7, [quant.QuantRule(r"conv_in$", a_bits=16)])
     assert [(s.fixed_w_bits, s.fixed_a_bits) for s in pinned.sites] == [(7, 16), (7, 7)]
+    assert quant.first_last_rules(0) == ()
     with pytest.raises(ValueError, match="first_last_bits"):
-        quant.pin_first_last(sites, 1)
+        quant.first_last_rules(1)
 
 
 @pytest.mark.parametrize("name", sorted(models.MODEL_SPECS))
@@ -442,9 +450,8 @@ def test_every_built_in_model_has_one_first_and_one_last_layer(name):
     spec = models.get_spec(name)
     model = models.build_model(spec)
     sites = quant.discover_sites(lambda p, *a: model.apply({"params": p}, *a), models.param_shapes(spec),
-                                 models.example_inputs(spec), rules=())
-    pinned = quant.pin_first_last(sites, 8)
-    hit = [s.path for s in pinned.sites if s.fixed_w_bits == 8]
+                                 models.example_inputs(spec), rules=quant.first_last_rules(8))
+    hit = [s.path for s in sites.sites if s.fixed_w_bits == 8]
     assert [p.split("/")[-1] for p in hit] == ["conv_in", "conv_out"]
     assert sites.paths.index(hit[1]) == len(sites) - 1  # the last site is the last layer
 

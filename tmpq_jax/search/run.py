@@ -269,11 +269,10 @@ def build_problem(c, workdir: Path | None = None) -> Problem:
         return model.apply({"params": p}, *a)
 
     decode_fn = (lambda p, z: model.apply({"params": p}, z, method="decode")) if spec.decoder else None
-    rules = [quant.QuantRule(**dict(r)) for r in c.rules] + (list(quant.DEFAULT_RULES) if c.probs_8bit else [])
+    rules = [*quant.first_last_rules(c.first_last_bits), *(quant.QuantRule(**dict(r)) for r in c.rules),
+             *(quant.DEFAULT_RULES if c.probs_8bit else ())]  # a later rule's pin wins
     sites = quant.discover_sites(apply_fn, models.param_shapes(spec), models.example_inputs(spec), rules,
                                  split_skip=c.split_skip)
-    if c.first_last_bits:
-        sites = quant.pin_first_last(sites, c.first_last_bits)
     if spec.unet_passes_per_step > 1:  # classifier-free guidance: every site runs once per pass
         sites = quant.SiteTable(tuple(dataclasses.replace(s, macs=s.macs * spec.unet_passes_per_step)
                                       for s in sites.sites))
