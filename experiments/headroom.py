@@ -37,6 +37,7 @@ from tmpq_jax.search import fitness as fit_mod  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import decode_np  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
+from tmpq_jax.benchmark import sole_writer  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -117,6 +118,11 @@ def panel(space, greedy_variants: dict, visited_rows: list, chosen: str, schedul
 
 def main(argv):
     del argv
+    with sole_writer(FLAGS.out):  # two writers of one --out would lose rows
+        extend_out()
+
+
+def extend_out():
     c = ho.load_config(FLAGS.config, reconstruct=False)
     c.baselines = ()
     problem, work, _, ev = ho.problem_at(c, FLAGS.workdir, FLAGS.num_steps)

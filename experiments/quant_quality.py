@@ -35,6 +35,7 @@ from tmpq_jax import data, diffusion, quant  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
+from tmpq_jax.benchmark import sole_writer  # noqa: E402
 
 _GROUPS = dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False,
                first_last_bits=0)
@@ -114,6 +115,11 @@ def parse_bits(s: str) -> tuple[int, int]:
 
 def main(argv):
     del argv
+    with sole_writer(FLAGS.out):  # two writers of one --out would lose rows
+        extend_out()
+
+
+def extend_out():
     only = parse_only(FLAGS.only)  # before any calibration
     out_path = Path(FLAGS.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}

@@ -41,6 +41,7 @@ from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import SearchSettings, decode_np, evolve  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet, candidate_key, nan_to_inf  # noqa: E402
 from tmpq_jax.search.ledger import BudgetExceeded, LedgerEvaluator, RunLedger  # noqa: E402
+from tmpq_jax.benchmark import sole_writer  # noqa: E402
 
 METHODS = ("local", "evolution", "greedy_bits", "knapsack", "random", "timestep_only", "precision_only",
            "steps_then_bits")
@@ -225,6 +226,11 @@ def plot(rows: dict, out_png: Path) -> None:
 
 def main(argv):
     del argv
+    with sole_writer(FLAGS.out):  # two writers of one --out would lose rows
+        extend_out()
+
+
+def extend_out():
     out_path = Path(FLAGS.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
     if FLAGS.plot_only:

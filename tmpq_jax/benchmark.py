@@ -1,9 +1,14 @@
-"""Helpers shared by the benchmark scripts: median wall time of a jitted call, and where it ran."""
+"""Helpers shared by the benchmark scripts: median wall time of a jitted call, where it ran, and one writer per
+output JSON."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import platform
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -47,3 +52,25 @@ def random_params(shapes, key, dtype):
             out.append((jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.float32) / np.sqrt(fan_in))
                        .astype(dtype))
     return jax.tree.unflatten(tree, out)
+
+
+@contextlib.contextmanager
+def sole_writer(out_path):
+    """Hold an exclusive lock on `<out>.lock` while a script reads, extends and rewrites its output JSON: a second
+    process on the same `--out` would write back a stale copy and lose the first one's rows, so it is refused at
+    once, naming the holder. The OS drops the lock when the holder exits, however it exits."""
+    lock_path = Path(str(out_path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RuntimeError(f"{out_path} is being written by {holder} (lock {lock_path}); wait for it to end or "
+                               f"pass another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
