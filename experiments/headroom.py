@@ -33,11 +33,11 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import heldout as ho  # noqa: E402
 from tmpq_jax import data  # noqa: E402
+from tmpq_jax.benchmark import sole_writer  # noqa: E402
 from tmpq_jax.search import fitness as fit_mod  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import decode_np  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
-from tmpq_jax.benchmark import sole_writer  # noqa: E402
 
 FLAGS = flags.FLAGS
 

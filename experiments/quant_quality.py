@@ -32,10 +32,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import heldout  # noqa: E402
 from tmpq_jax import data, diffusion, quant  # noqa: E402
+from tmpq_jax.benchmark import sole_writer  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
-from tmpq_jax.benchmark import sole_writer  # noqa: E402
 
 _GROUPS = dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False,
                first_last_bits=0)

@@ -37,11 +37,11 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import heldout as ho  # noqa: E402
 from tmpq_jax import data, quant  # noqa: E402
+from tmpq_jax.benchmark import sole_writer  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import SearchSettings, decode_np, evolve  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet, candidate_key, nan_to_inf  # noqa: E402
 from tmpq_jax.search.ledger import BudgetExceeded, LedgerEvaluator, RunLedger  # noqa: E402
-from tmpq_jax.benchmark import sole_writer  # noqa: E402
 
 METHODS = ("local", "evolution", "greedy_bits", "knapsack", "random", "timestep_only", "precision_only",
            "steps_then_bits")
