@@ -7,6 +7,7 @@ Stages (each adds one technique to the one before; README "Calibration"):
   learned  + learned rounding and activation step sizes per block and bit-width (AdaRound / BRECQ)
   first_last          split, with the first and last layer (conv_in, conv_out) at W8A8 (the default)
   first_last_learned  learned, with the first and last layer at W8A8
+  unclipped           first_last, with the transformers' ff/net_2 inputs at their min/max (no clipping)
 The first four stages quantize the first and last layer like every other site (first_last_bits=0).
 
 Every row is sampled on held-out report noise (`--noise_seed`, purpose 'report', which no search uses) and scored
@@ -38,7 +39,7 @@ from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
 
 _GROUPS = dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False,
-               first_last_bits=0)
+               first_last_bits=0, unclipped_sites=())
 _SPLIT = {**_GROUPS, "split_skip": True}
 _LEARNED = {**_SPLIT, "reconstruct": True}
 STAGES = {
@@ -48,6 +49,7 @@ STAGES = {
     "learned": _LEARNED,
     "first_last": {**_SPLIT, "first_last_bits": 8},
     "first_last_learned": {**_LEARNED, "first_last_bits": 8},
+    "unclipped": {**_SPLIT, "first_last_bits": 8, "unclipped_sites": ("ff/net_2$",)},
 }
 METRICS = ("inception_fid", "classifier_fd", "teacher_mse")
 

@@ -186,6 +186,12 @@ def _config():
     (dict(budgets=(12.5,)), r"config.budgets has 12.5; valid: .* whole BitOPs counts > 4"),
     (dict(sensitivity_mac_share=0.0), r"sensitivity_mac_share=0.0 is invalid; valid: in \(0, 1\]"),
     (dict(pareto_generations=-1), r"pareto_generations=-1 is invalid; valid: an integer >= 0"),
+    (dict(act_range_norm=0.5), r"act_range_norm=0.5 is invalid; valid: a number >= 1"),
+    (dict(act_range_norm=float("nan")), r"act_range_norm=nan is invalid"),
+    (dict(act_range_norm=float("inf")), None),
+    (dict(unclipped_sites=("net_2$", "(")), r"unclipped_sites=\('net_2\$', '\('\) is invalid; valid: a list of regular "
+                                            r"expressions"),
+    (dict(unclipped_sites="net_2$"), r"unclipped_sites='net_2\$' is invalid"),
 ])
 def test_bad_config_values(changes, msg):
     c = _config()

@@ -6,8 +6,10 @@ candidate then only gathers rows of these tables:
 - `w_clip[path]` (B, C_out): per-channel clipping of each kernel, the MSE-optimal fraction of abs-max;
 - `w_round[path]` (B, ceil(K / 8)) uint8: learned rounding (AdaRound, `reconstruct`), one bit per kernel entry,
   packed: 1 rounds the entry up, 0 down. Empty: round to nearest;
-- `a_range` (L, G, B, 2): [lo, hi] of each site's "a" operand for each timestep group, an MSE search over shrunken
-  min/max (per-step ranges as in TFMQ-DM; G = 1: one range for every t);
+- `a_range` (L, G, B, 2): [lo, hi] of each site's "a" operand for each timestep group, the shrunken min/max of least
+  Lp error (`range_norm` p: 2 = MSE; a larger p weighs the few large clipping errors more, BRECQ uses 2.4; inf: the
+  least largest error, min/max or one grid step in); sites matched by `unclipped` keep the calibration min/max at
+  every bit-width; (per-step ranges as in TFMQ-DM; G = 1: one range for every t);
 - `skip_range` (L, G, B, 2): the same for the skip part of a split input (`Site.split_at`: the concatenated
   skip connection of an up block's 1x1 shortcut, Q-Diffusion Sec. 4.3); zeros on other sites;
 - `w_range` (L, G, B, 2): the same for the "w" operand of attention matmuls (k and v); zeros for conv/dense sites.
@@ -17,9 +19,10 @@ A candidate with one step per group of the search space therefore reads group i 
 
 from __future__ import annotations
 
+import re
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import flax
 import flax.linen as nn
@@ -253,13 +256,37 @@ def make_stats_fn(apply_fn: Callable, sites: SiteTable | None = None):
     return stats
 
 
-@jax.jit
-def _act_range_search(values: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array) -> jax.Array:
-    """MSE-optimal [a*lo, a*hi] per bit-width over the grid ACT_CLIP_GRID: -> (B, 2)."""
+def check_range_norm(p) -> float:
+    """The Lp norm of the activation range search: a number >= 1 (inf: the least largest error)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not p >= 1:
+        raise ValueError(f"range_norm must be a number >= 1 (2 = MSE, a larger p clips less), got {p!r}")
+    return float(p)
+
+
+def unclipped_sites(sites: SiteTable, patterns: Sequence[str]) -> np.ndarray:
+    """(L,) bool: the sites whose path matches one of `patterns` (re.search); ValueError names a malformed regex."""
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except (re.error, TypeError) as e:
+            raise ValueError(f"unclipped site pattern {p!r} is not a regular expression: {e}") from e
+    return np.array([any(r.search(s.path) for r in compiled) for s in sites.sites], bool)
+
+
+def lp_error(err: jax.Array, p: float) -> jax.Array:
+    """mean |err|^p, or max |err| for p = inf (the order of these values is that of the Lp norm)."""
+    err = jnp.abs(err)
+    return jnp.max(err) if np.isinf(p) else jnp.mean(err ** p)
+
+
+@jax.jit(static_argnames="p")
+def _act_range_search(values: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array, p: float = 2.0) -> jax.Array:
+    """[a*lo, a*hi] of least Lp error per bit-width over the grid ACT_CLIP_GRID: -> (B, 2)."""
     grid = jnp.asarray(ACT_CLIP_GRID, values.dtype)
 
     def per_bit(b):
-        err = jax.vmap(lambda a: jnp.mean((qdq_asymmetric(values, a * lo, a * hi, b) - values) ** 2))(grid)
+        err = jax.vmap(lambda a: lp_error(qdq_asymmetric(values, a * lo, a * hi, b) - values, p))(grid)
         best = grid[jnp.argmin(err)]
         return jnp.stack([best * lo, best * hi])
 
@@ -267,16 +294,23 @@ def _act_range_search(values: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax
 
 
 def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterable[tuple], bit_choices,
-              seed: int = 0, num_batches: int | None = None, group_starts=(0,)) -> QuantTables:
+              seed: int = 0, num_batches: int | None = None, group_starts=(0,), range_norm: float = 2.0,
+              unclipped: Sequence[str] = ()) -> QuantTables:
     """Calibrate all tables. `batches` yields model inputs, e.g. (x_t, t, labels) from `trajectory_batches`.
 
     `group_starts` (G,): the timestep groups of the activation ranges. With G > 1 the inputs' second entry is the
-    timestep, and each batch must lie in one group (`group_batches`); every group needs a batch.
+    timestep, and each batch must lie in one group (`group_batches`); every group needs a batch. `range_norm`: the
+    Lp error the activation ranges minimise (`check_range_norm`). `unclipped`: regexes (re.search on site paths) of
+    the sites whose ranges are the min/max over all calibration inputs at every bit-width, no clipping: the rare
+    large values a clipped range loses (and the range search's subsample may not hold) can carry the output, e.g.
+    the GEGLU output feeding a transformer's ff/net_2 (README "Calibration").
     Raises ValueError naming the first site, table and bit-width whose parameter is not finite (NaN/inf params or
     model outputs); the weight clips are checked before the activation pass, everything again at the end.
     """
     table_bits = table_bits_for(sites, bit_choices)
     starts = check_group_starts(group_starts)
+    range_norm = check_range_norm(range_norm)
+    keep = unclipped_sites(sites, unclipped)
     w_clip = calibrate_weights(params, sites, table_bits)
     check_finite_tables(sites, table_bits, w_clip)  # fail before the costly activation pass
 
@@ -312,8 +346,11 @@ def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterab
                 mn, mx, subs = acc[(f"{s.path}|{role}", g)]
                 vals = np.concatenate(subs)
                 vals = rng.choice(vals, SAMPLES_PER_SITE, replace=len(vals) < SAMPLES_PER_SITE)
+                if keep[i]:
+                    ranges[table][i, g] = [mn, mx]
+                    continue
                 ranges[table][i, g] = np.asarray(_act_range_search(jnp.asarray(vals), jnp.float32(mn),
-                                                                   jnp.float32(mx), bits))
+                                                                   jnp.float32(mx), bits, range_norm))
     check_finite_tables(sites, table_bits, w_clip, ranges["a_range"], ranges["w_range"], ranges["skip_range"])
     return QuantTables.create(table_bits, w_clip, ranges["a_range"], ranges["w_range"], ranges["skip_range"], starts)
 

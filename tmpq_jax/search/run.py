@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     spec.schedule.default_timesteps(c.calib_steps)
     need("calib_trajectories", c.calib_trajectories in CALIB_TRAJECTORIES, str(CALIB_TRAJECTORIES))
     need("calib_ranges", c.calib_ranges in CALIB_RANGES, str(CALIB_RANGES))
+    try:
+        quant.check_range_norm(c.act_range_norm)
+    except ValueError:
+        need("act_range_norm", False, "a number >= 1 (2 = MSE, a larger p clips less)")
+    need("unclipped_sites", isinstance(c.unclipped_sites, (list, tuple)) and
+         all(isinstance(p, str) and _is_regex(p) for p in c.unclipped_sites), "a list of regular expressions")
     need("calib_schedules", isinstance(c.calib_schedules, int) and c.calib_schedules >= 1,
          "an integer >= 1 (the DDIM-quad seed plus calib_schedules - 1 random schedules)")
     for name in ("split_skip", "reconstruct"):
@@ -159,6 +166,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          "an integer >= 0 (generations of the search at each extra budget; 0: only the shared pool)")
     need("knapsack_weights", len(c.knapsack_weights) >= 1 and all(0.0 <= w <= 1.0 for w in c.knapsack_weights),
          "one or more weightings in [0, 1] (weights' share of the damage)")
+
+
+def _is_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+        return True
+    except re.error:
+        return False
 
 
 def make_space(c, spec: models.ModelSpec, num_sites: int) -> SearchSpace:
@@ -401,9 +416,11 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
         perm = np.random.default_rng(c.seed).permutation(m)  # mix timesteps across batches
         batches, n = quant.trajectory_batches(tuple(a[perm] for a in inputs), c.calib_batch), -(-m // c.calib_batch)
     tables = quant.calibrate(problem.apply_fn, problem.params, sites, batches, list(c.bit_choices), seed=c.seed,
-                             num_batches=n, group_starts=starts)
-    print(f"calibration: ranges of {len(starts)} timestep group(s) from {m} UNet inputs in {time.time() - t0:.0f} s",
-          flush=True)
+                             num_batches=n, group_starts=starts, range_norm=c.act_range_norm,
+                             unclipped=list(c.unclipped_sites))
+    kept = int(quant.unclipped_sites(sites, c.unclipped_sites).sum())
+    print(f"calibration: ranges of {len(starts)} timestep group(s) from {m} UNet inputs ({kept} unclipped sites) in "
+          f"{time.time() - t0:.0f} s", flush=True)
     # 3. learned rounding and step sizes, block by block, on a subset of the inputs (every group)
     if c.reconstruct:
         t1 = time.time()
