@@ -42,7 +42,17 @@ def test_parse_only(entries, want, error):
 
 
 def test_stages_before_first_last_quantize_the_first_and_last_layer():
-    assert [k for k, v in quant_quality.STAGES.items() if v["first_last_bits"]] == ["first_last", "first_last_learned"]
+    assert [k for k, v in quant_quality.STAGES.items() if v["first_last_bits"]] == ["first_last", "first_last_learned",
+                                                                                   "unclipped"]
     # each first_last stage is an earlier stage plus the pins
     for fl, base in (("first_last", "split"), ("first_last_learned", "learned")):
         assert {**quant_quality.STAGES[base], "first_last_bits": 8} == quant_quality.STAGES[fl]
+    # every stage but the last clips every site, as when its rows were measured; the last adds the unclipped sites
+    assert [k for k, v in quant_quality.STAGES.items() if v["unclipped_sites"]] == ["unclipped"]
+    assert {**quant_quality.STAGES["first_last"], "unclipped_sites": ("ff/net_2$",)} == quant_quality.STAGES["unclipped"]
+
+
+def test_the_default_config_calibrates_as_the_chosen_stage():
+    path = str(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "default.py")
+    default, chosen = quant_quality.heldout.load_config(path), quant_quality.STAGES["unclipped"]
+    assert {k: default[k] for k in chosen} == chosen

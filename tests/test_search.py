@@ -191,7 +191,7 @@ def _config():
     (dict(act_range_norm=float("inf")), None),
     (dict(unclipped_sites=("net_2$", "(")), r"unclipped_sites=\('net_2\$', '\('\) is invalid; valid: a list of regular "
                                             r"expressions"),
-    (dict(unclipped_sites="net_2$"), r"unclipped_sites='net_2\$' is invalid"),
+    (dict(unclipped_sites=(3,)), r"unclipped_sites=\(3,\) is invalid"),
 ])
 def test_bad_config_values(changes, msg):
     c = _config()
