@@ -8,6 +8,7 @@ Stages (each adds one technique to the one before; README "Calibration"):
   first_last          split, with the first and last layer (conv_in, conv_out) at W8A8 (the default)
   first_last_learned  learned, with the first and last layer at W8A8
   unclipped           first_last, with the transformers' ff/net_2 inputs at their min/max (no clipping)
+  unclipped6          unclipped at 6 bits and more only (5-bit ranges of those inputs searched as in first_last)
 The first four stages quantize the first and last layer like every other site (first_last_bits=0).
 
 Every row is sampled on held-out report noise (`--noise_seed`, purpose 'report', which no search uses) and scored
@@ -39,7 +40,7 @@ from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
 
 _GROUPS = dict(calib_trajectories="candidates", calib_ranges="per_group", split_skip=False, reconstruct=False,
-               first_last_bits=0, unclipped_sites=())
+               first_last_bits=0, unclipped_sites=(), unclipped_min_bits=2)
 _SPLIT = {**_GROUPS, "split_skip": True}
 _LEARNED = {**_SPLIT, "reconstruct": True}
 STAGES = {
@@ -50,6 +51,7 @@ STAGES = {
     "first_last": {**_SPLIT, "first_last_bits": 8},
     "first_last_learned": {**_LEARNED, "first_last_bits": 8},
     "unclipped": {**_SPLIT, "first_last_bits": 8, "unclipped_sites": ("ff/net_2$",)},
+    "unclipped6": {**_SPLIT, "first_last_bits": 8, "unclipped_sites": ("ff/net_2$",), "unclipped_min_bits": 6},
 }
 METRICS = ("inception_fid", "classifier_fd", "teacher_mse")
 

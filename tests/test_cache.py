@@ -29,7 +29,7 @@ CHANGED = {"model": "cifar-ddpm", "guidance_scale": 7.5, "negative_prompt": "blu
            "rules": [dict(pattern="conv_in$", w_bits=8, a_bits=8)], "probs_8bit": False, "first_last_bits": 7,
            "reference_steps": 7,
            "sample_batch": 17, "strategy": "vmap", "chunk_size": 4, "calib_trajectories": "uniform",
-           "calib_schedules": 2, "calib_ranges": "shared", "act_range_norm": 4.0, "unclipped_sites": ("conv_in$",), "num_steps": 4, "spacing": "uniform", "group_starts": (0, 5),
+           "calib_schedules": 2, "calib_ranges": "shared", "act_range_norm": 4.0, "unclipped_sites": ("conv_in$",), "unclipped_min_bits": 6, "num_steps": 4, "spacing": "uniform", "group_starts": (0, 5),
            "split_skip": False, "reconstruct": False, "recon_samples": 8, "recon_iters": 5, "recon_batch": 2,
            "recon_lr_round": 0.5, "recon_lr_act": 0.5, "recon_reg": 0.5, "recon_warmup": 0.5}
 

@@ -327,7 +327,7 @@ def test_calibrate_passes_the_range_norm_to_every_range(grouped):
         assert wide[used].mean() > 1.1 * mse[used].mean(), name
 
 
-def test_unclipped_sites_keep_min_max_and_the_others_are_unchanged(grouped):
+def test_unclipped_sites_keep_min_max_from_their_bits_and_the_others_are_unchanged(grouped):
     tiny = grouped.tiny
     if tiny.spec.name != "mnist-tiny":
         pytest.skip("engine-level: one model family suffices")
@@ -335,13 +335,18 @@ def test_unclipped_sites_keep_min_max_and_the_others_are_unchanged(grouped):
     keep = quant.unclipped_sites(grouped.sites, [pattern])
     assert keep.sum() == 2 and any(s.split_at for s, k in zip(grouped.sites.sites, keep) if k)
     got = quant.calibrate(tiny.apply, tiny.params, grouped.sites, quant.group_batches(tiny.calib_inputs, 8, STARTS),
-                          [8, 6, 4, 16], group_starts=STARTS, unclipped=[pattern])
+                          [8, 6, 4, 16], group_starts=STARTS, unclipped=[pattern], unclipped_min_bits=6)
     assert got.table_bits.tolist() == [4, 6, 8, 16] and grouped.tables.table_bits.tolist() == [4, 6, 8]
     for name in ("a_range", "skip_range"):
         new, old = np.asarray(getattr(got, name)), np.asarray(getattr(grouped.tables, name))
         minmax = new[..., 3:4, :]  # the 16-bit row: the range search keeps min/max (no error at 16 bits)
-        np.testing.assert_array_equal(new[keep], np.broadcast_to(minmax[keep], new[keep].shape))
+        # matched sites: min/max at 6 and 8 bits, the searched (MSE) range at 4 bits, below unclipped_min_bits
+        kept = new[keep][..., 1:3, :]
+        np.testing.assert_array_equal(kept, np.broadcast_to(minmax[keep], kept.shape))
+        np.testing.assert_array_equal(new[keep][..., 0, :], old[keep][..., 0, :])
         np.testing.assert_array_equal(new[~keep][..., :3, :], old[~keep])  # the other sites: as before
-        assert np.any(old[keep][..., 1] < 0.95 * minmax[keep][..., 1]), name  # MSE clipped them
+        assert np.any(old[keep][..., 1:, 1] < 0.95 * minmax[keep][..., 1]), name  # MSE clipped them at 6 / 8 bits
     with pytest.raises(ValueError, match=r"unclipped site pattern '\(' is not a regular expression"):
         quant.unclipped_sites(grouped.sites, ["("])
+    with pytest.raises(ValueError, match=r"unclipped_min_bits must be a bit-width in \[2, 16\], got 1"):
+        quant.calibrate(tiny.apply, tiny.params, grouped.sites, [], [8], unclipped_min_bits=1)

@@ -43,13 +43,14 @@ def test_parse_only(entries, want, error):
 
 def test_stages_before_first_last_quantize_the_first_and_last_layer():
     assert [k for k, v in quant_quality.STAGES.items() if v["first_last_bits"]] == ["first_last", "first_last_learned",
-                                                                                   "unclipped"]
+                                                                                   "unclipped", "unclipped6"]
     # each first_last stage is an earlier stage plus the pins
     for fl, base in (("first_last", "split"), ("first_last_learned", "learned")):
         assert {**quant_quality.STAGES[base], "first_last_bits": 8} == quant_quality.STAGES[fl]
     # every stage but the last clips every site, as when its rows were measured; the last adds the unclipped sites
-    assert [k for k, v in quant_quality.STAGES.items() if v["unclipped_sites"]] == ["unclipped"]
+    assert [k for k, v in quant_quality.STAGES.items() if v["unclipped_sites"]] == ["unclipped", "unclipped6"]
     assert {**quant_quality.STAGES["first_last"], "unclipped_sites": ("ff/net_2$",)} == quant_quality.STAGES["unclipped"]
+    assert {**quant_quality.STAGES["unclipped"], "unclipped_min_bits": 6} == quant_quality.STAGES["unclipped6"]
 
 
 def test_the_default_config_calibrates_as_the_chosen_stage():

@@ -192,6 +192,7 @@ def _config():
     (dict(unclipped_sites=("net_2$", "(")), r"unclipped_sites=\('net_2\$', '\('\) is invalid; valid: a list of regular "
                                             r"expressions"),
     (dict(unclipped_sites=(3,)), r"unclipped_sites=\(3,\) is invalid"),
+    (dict(unclipped_min_bits=1), r"unclipped_min_bits=1 is invalid; valid: an integer bit-width in \[2, 16\]"),
 ])
 def test_bad_config_values(changes, msg):
     c = _config()

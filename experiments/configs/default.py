@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     # sites whose activation ranges keep the calibration min/max (no clipping) at every bit-width: the GEGLU output
     # feeding the transformers' feed-forward, whose rare large values MSE clipping loses (README "Calibration")
     c.unclipped_sites = ("ff/net_2$",)
+    c.unclipped_min_bits = 2  # ... at every bit-width; 6: 5-bit rows searched like the others (README "Calibration")
     c.split_skip = True  # separate ranges for the up-path and skip channels of up blocks' 1x1 shortcut inputs
     # learned rounding (AdaRound) and step sizes per block and bit-width (BRECQ-style). Off in this CPU default: it
     # takes about 8 minutes here (the 10-minute default run could not hold it) and helps most at 5-bit activations

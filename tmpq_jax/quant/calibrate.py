@@ -9,7 +9,7 @@ candidate then only gathers rows of these tables:
 - `a_range` (L, G, B, 2): [lo, hi] of each site's "a" operand for each timestep group, the shrunken min/max of least
   Lp error (`range_norm` p: 2 = MSE; a larger p weighs the few large clipping errors more, BRECQ uses 2.4; inf: the
   least largest error, min/max or one grid step in); sites matched by `unclipped` keep the calibration min/max at
-  every bit-width; (per-step ranges as in TFMQ-DM; G = 1: one range for every t);
+  every bit-width from `unclipped_min_bits`; (per-step ranges as in TFMQ-DM; G = 1: one range for every t);
 - `skip_range` (L, G, B, 2): the same for the skip part of a split input (`Site.split_at`: the concatenated
   skip connection of an up block's 1x1 shortcut, Q-Diffusion Sec. 4.3); zeros on other sites;
 - `w_range` (L, G, B, 2): the same for the "w" operand of attention matmuls (k and v); zeros for conv/dense sites.
@@ -295,7 +295,7 @@ def _act_range_search(values: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax
 
 def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterable[tuple], bit_choices,
               seed: int = 0, num_batches: int | None = None, group_starts=(0,), range_norm: float = 2.0,
-              unclipped: Sequence[str] = ()) -> QuantTables:
+              unclipped: Sequence[str] = (), unclipped_min_bits: int = 2) -> QuantTables:
     """Calibrate all tables. `batches` yields model inputs, e.g. (x_t, t, labels) from `trajectory_batches`.
 
     `group_starts` (G,): the timestep groups of the activation ranges. With G > 1 the inputs' second entry is the
@@ -303,7 +303,8 @@ def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterab
     Lp error the activation ranges minimise (`check_range_norm`). `unclipped`: regexes (re.search on site paths) of
     the sites whose ranges are the min/max over all calibration inputs at every bit-width, no clipping: the rare
     large values a clipped range loses (and the range search's subsample may not hold) can carry the output, e.g.
-    the GEGLU output feeding a transformer's ff/net_2 (README "Calibration").
+    the GEGLU output feeding a transformer's ff/net_2 (README "Calibration"); only at bit-widths >=
+    `unclipped_min_bits` (below it their ranges are searched like the others').
     Raises ValueError naming the first site, table and bit-width whose parameter is not finite (NaN/inf params or
     model outputs); the weight clips are checked before the activation pass, everything again at the end.
     """
@@ -311,6 +312,9 @@ def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterab
     starts = check_group_starts(group_starts)
     range_norm = check_range_norm(range_norm)
     keep = unclipped_sites(sites, unclipped)
+    if isinstance(unclipped_min_bits, bool) or not isinstance(unclipped_min_bits, (int, np.integer)) or \
+            not 2 <= unclipped_min_bits <= 16:
+        raise ValueError(f"unclipped_min_bits must be a bit-width in [2, 16], got {unclipped_min_bits!r}")
     w_clip = calibrate_weights(params, sites, table_bits)
     check_finite_tables(sites, table_bits, w_clip)  # fail before the costly activation pass
 
@@ -346,11 +350,10 @@ def calibrate(apply_fn: Callable, params: Any, sites: SiteTable, batches: Iterab
                 mn, mx, subs = acc[(f"{s.path}|{role}", g)]
                 vals = np.concatenate(subs)
                 vals = rng.choice(vals, SAMPLES_PER_SITE, replace=len(vals) < SAMPLES_PER_SITE)
-                if keep[i]:
-                    ranges[table][i, g] = [mn, mx]
-                    continue
                 ranges[table][i, g] = np.asarray(_act_range_search(jnp.asarray(vals), jnp.float32(mn),
                                                                    jnp.float32(mx), bits, range_norm))
+                if keep[i]:
+                    ranges[table][i, g, table_bits >= unclipped_min_bits] = [mn, mx]
     check_finite_tables(sites, table_bits, w_clip, ranges["a_range"], ranges["w_range"], ranges["skip_range"])
     return QuantTables.create(table_bits, w_clip, ranges["a_range"], ranges["w_range"], ranges["skip_range"], starts)
 

@@ -20,7 +20,8 @@ MODEL_FUNCTION = ("model", "guidance_scale", "negative_prompt", "memory_efficien
 # the quantization sites and their calibrated parameters
 _TABLES = ("calib_steps", "calib_samples", "calib_batch", "seed", "bit_choices", "rules", "probs_8bit",
            "first_last_bits",
-           "calib_trajectories", "calib_schedules", "calib_ranges", "act_range_norm", "unclipped_sites", "num_steps", "spacing",
+           "calib_trajectories", "calib_schedules", "calib_ranges", "act_range_norm", "unclipped_sites",
+           "unclipped_min_bits", "num_steps", "spacing",
            "group_starts",
            "split_skip", "reconstruct", "recon_samples", "recon_iters", "recon_batch", "recon_lr_round",
            "recon_lr_act", "recon_reg", "recon_warmup")

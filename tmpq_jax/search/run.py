@@ -140,6 +140,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         need("act_range_norm", False, "a number >= 1 (2 = MSE, a larger p clips less)")
     need("unclipped_sites", isinstance(c.unclipped_sites, (list, tuple)) and
          all(isinstance(p, str) and _is_regex(p) for p in c.unclipped_sites), "a list of regular expressions")
+    need("unclipped_min_bits", isinstance(c.unclipped_min_bits, int) and 2 <= c.unclipped_min_bits <= 16,
+         "an integer bit-width in [2, 16] (2: every bit-width)")
     need("calib_schedules", isinstance(c.calib_schedules, int) and c.calib_schedules >= 1,
          "an integer >= 1 (the DDIM-quad seed plus calib_schedules - 1 random schedules)")
     for name in ("split_skip", "reconstruct"):
@@ -417,7 +419,7 @@ def calibrate(c, problem: Problem, workdir: Path) -> quant.QuantTables:
         batches, n = quant.trajectory_batches(tuple(a[perm] for a in inputs), c.calib_batch), -(-m // c.calib_batch)
     tables = quant.calibrate(problem.apply_fn, problem.params, sites, batches, list(c.bit_choices), seed=c.seed,
                              num_batches=n, group_starts=starts, range_norm=c.act_range_norm,
-                             unclipped=list(c.unclipped_sites))
+                             unclipped=list(c.unclipped_sites), unclipped_min_bits=c.unclipped_min_bits)
     kept = int(quant.unclipped_sites(sites, c.unclipped_sites).sum())
     print(f"calibration: ranges of {len(starts)} timestep group(s) from {m} UNet inputs ({kept} unclipped sites) in "
           f"{time.time() - t0:.0f} s", flush=True)
