@@ -5,9 +5,9 @@ Stages (each adds one technique to the one before; README "Calibration"):
   groups   + ranges per timestep group, from trajectories of the DDIM-quad seed and random one-per-group schedules
   split    + separate ranges for the up-path and skip channels of up blocks' shortcut inputs
   learned  + learned rounding and activation step sizes per block and bit-width (AdaRound / BRECQ)
-  first_last          split, with the first and last layer (conv_in, conv_out) at W8A8 (the default)
+  first_last          split, with the first and last layer (conv_in, conv_out) at W8A8
   first_last_learned  learned, with the first and last layer at W8A8
-  unclipped           first_last, with the transformers' ff/net_2 inputs at their min/max (no clipping)
+  unclipped           first_last, with the transformers' ff/net_2 inputs at their min/max (no clipping; the default)
   unclipped6          unclipped at 6 bits and more only (5-bit ranges of those inputs searched as in first_last)
 The first four stages quantize the first and last layer like every other site (first_last_bits=0).
 
