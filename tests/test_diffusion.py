@@ -91,3 +91,25 @@ def test_schedules():
         diffusion.validate_timesteps([1000, 3])
     with pytest.raises(ValueError, match="num_steps"):
         diffusion.uniform_timesteps(0)
+
+
+@pytest.mark.parametrize("n, batch, want", [
+    (5, 2, [([0, 1], 2), ([2, 3], 2), ([4, 4], 1)]),  # the last batch repeats its last row
+    (3, 8, [([0, 1, 2], 3)]),  # n < batch: one batch of n rows, no padding
+    (4, 4, [([0, 1, 2, 3], 4)]),
+    (7, 3, [([0, 1, 2], 3), ([3, 4, 5], 3), ([6, 6, 6], 1)]),
+    (0, 4, []),
+])
+def test_fixed_batches(n, batch, want):
+    from tmpq_jax.diffusion.noise import fixed_batches
+
+    got = [(np.asarray(idx).tolist(), real) for idx, real in fixed_batches(n, batch)]
+    assert got == want
+
+
+@pytest.mark.parametrize("n, batch", [(4, 0), (-1, 2)])
+def test_fixed_batches_refuses_bad_sizes(n, batch):
+    from tmpq_jax.diffusion.noise import fixed_batches
+
+    with pytest.raises(ValueError, match=rf"fixed_batches\(n={n}, batch={batch}\) is invalid"):
+        list(fixed_batches(n, batch))

@@ -25,6 +25,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from tmpq_jax import diffusion, models
 from tmpq_jax.deploy import integer
 from tmpq_jax.deploy.quantized import QuantizedCheckpoint, read_quantized
+from tmpq_jax.diffusion.noise import fixed_batches
 from tmpq_jax.quant.calibrate import group_of, split_parts
 from tmpq_jax.quant.engine import site_operand_fn
 from tmpq_jax.quant.fake_quant import PASSTHROUGH_BITS
@@ -226,8 +227,9 @@ class QuantizedModel:
             self._sampler = self.sampler_fn()
         fn = self._sampler
         outs = []
-        for i in range(0, len(noise), batch):
-            outs.append(np.asarray(fn(*self.arrays, noise[i:i + batch], labels[i:i + batch])))
+        for idx, real in fixed_batches(len(noise), batch):  # one batch size: one compile, as in the search
+            idx = np.asarray(idx)
+            outs.append(np.asarray(fn(*self.arrays, noise[idx], labels[idx]))[:real])
             if progress is not None:
-                progress(len(outs[-1]))
+                progress(real)
         return np.concatenate(outs)

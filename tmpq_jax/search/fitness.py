@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tmpq_jax import data, diffusion, metrics, quant, sampling
-from tmpq_jax.diffusion.noise import PURPOSES, purpose_noise  # noqa: F401 (re-exported)
+from tmpq_jax.diffusion.noise import PURPOSES, fixed_batches, purpose_noise  # noqa: F401 (re-exported)
 
 MNIST_SHAPE = (28, 28, 1)
 
@@ -298,25 +298,26 @@ class Evaluator:
         return np.asarray(self._decode(self.params, samples))
 
     def _batches(self, noise_set: NoiseSet):
+        """(noise, labels, real rows) in batches of one size (`fixed_batches`: one compile for every n)."""
         noise, labels = purpose_noise(noise_set.seed, noise_set.purpose, noise_set.n, self.sample_shape,
                                       self.num_classes)
-        for i in range(0, noise_set.n, self.sample_batch):
-            yield noise[i:i + self.sample_batch], labels[i:i + self.sample_batch]
+        for idx, real in fixed_batches(noise_set.n, self.sample_batch):
+            yield noise[idx], labels[idx], real
 
     def sample(self, timesteps, w_bits, a_bits, noise_set: NoiseSet) -> np.ndarray:
         """Images (P, n, H, W, C) in [-1, 1] of a population (decoded, for latent models)."""
         pop = (jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32), jnp.asarray(timesteps, jnp.int32))
         outs = []
-        for noise, labels in self._batches(noise_set):
-            out = gather(self._sampler(pop, (self.abar, self.params, self.tables, noise, labels)))
+        for noise, labels, real in self._batches(noise_set):
+            out = gather(self._sampler(pop, (self.abar, self.params, self.tables, noise, labels)))[:, :real]
             outs.append(np.stack([self._images(o) for o in out]) if self._decode is not None else np.asarray(out))
         self.sampled += len(pop[0])
         return np.concatenate(outs, axis=1)
 
     def sample_fp(self, timesteps, noise_set: NoiseSet) -> np.ndarray:
         ts = jnp.asarray(diffusion.validate_timesteps(np.asarray(timesteps), self.schedule.num_train_timesteps))
-        return np.concatenate([self._images(self._fp(self.params, ts, noise, labels))
-                               for noise, labels in self._batches(noise_set)])
+        return np.concatenate([self._images(self._fp(self.params, ts, noise, labels)[:real])
+                               for noise, labels, real in self._batches(noise_set)])
 
     def teacher(self, noise_set: NoiseSet) -> np.ndarray:
         if noise_set not in self.teachers:

@@ -30,7 +30,7 @@ from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
 from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve, genome_key
 from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, candidate_key, check_metric_for_model,
-                                     make_metric, nan_to_inf)
+                                     make_metric, nan_to_inf, purpose_noise)
 from tmpq_jax.search.space import Genome, SearchSpace
 from tmpq_jax.visual import save_grid, save_plots
 
@@ -598,7 +598,8 @@ def dp_timesteps(c, problem: Problem, evaluator: Evaluator, genome: Genome) -> G
     space = problem.space
     offs = timestep_dp.candidate_offsets(space, c.dp_per_group)
     desc = [(np.asarray(space.starts[i]) + offs[i])[::-1] for i in reversed(range(space.num_steps))]
-    noise, labels = next(evaluator._batches(NoiseSet(c.noise_seed, "fitness", c.dp_samples)))
+    noise, labels = purpose_noise(c.noise_seed, "fitness", c.dp_samples, evaluator.sample_shape,
+                                  evaluator.num_classes)  # all dp_samples rows in one pass
     _, w_bits, a_bits = decode_np(space, jax.tree.map(lambda x: np.asarray(x)[None], genome))
     start, trans, final = sampling.quantized_step_costs(
         problem.apply_fn, problem.sites, evaluator.abar, problem.params, evaluator.tables, w_bits[0], a_bits[0], desc,
