@@ -19,7 +19,9 @@ python experiments/headroom.py --config experiments/configs/default.py --num_ste
     --visited benchmarks/search_benchmark_cpu.json --out benchmarks/headroom_n5_cpu.json
 """
 
+import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -55,6 +57,9 @@ def define_flags() -> None:
                       "local and steps_then_bits winner.")
     flags.DEFINE_list("quad_mixes", ["5/7"], "Uniform W/A mixes scored at DDIM-quad (w/a).")
     flags.DEFINE_list("quad_greedy_a_starts", ["7"], "greedy_bits from these activation widths, at DDIM-quad.")
+    flags.DEFINE_list("greedy_budgets", [], "greedy_bits (both activation starts) at DDIM-quad under these fractions of "
+                      "the budget, e.g. 1.2,1.4: the quality the greedy rule buys with more BitOPs (how far a target "
+                      "at the budget is from what more budget gives).")
     flags.DEFINE_integer("samples", 500, "Probe-noise samples per candidate.")
     flags.DEFINE_integer("probe_seed", 31337, "Seed of the probe noise (used by no search and no benchmark row).")
     flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
@@ -116,6 +121,27 @@ def panel(space, greedy_variants: dict, visited_rows: list, chosen: str, schedul
     return out
 
 
+def greedy_budget_rows(space, budget, quad, fractions: list[float]) -> list[dict]:
+    """greedy_bits (both activation starts, `run.greedy_variants`; a start over the budget is left out) at DDIM-quad
+    under each fraction of `budget`."""
+    lo = int(budget.cost_of(space.uniform_bits(min(space.bit_choices))))
+    hi = int(budget.cost_of(space.uniform_bits(max(space.bit_choices))))
+    rows = []
+    for f in fractions:
+        limit = int(f * budget.limit) if math.isfinite(f) else -1
+        if not lo <= limit <= hi:
+            raise ValueError(f"--greedy_budgets {f}: valid fractions put the budget between the all-lowest and the "
+                             f"all-highest candidate, {lo / budget.limit:.3f} to {hi / budget.limit:.3f}")
+        scaled = dataclasses.replace(budget, limit=limit)
+        for g, a in run_mod.greedy_variants(space, scaled):
+            _, wb, ab = decode_np(space, g)
+            if budget.cost(wb, ab) > limit:  # its activation start alone exceeds this budget
+                continue
+            rows.append({"name": f"greedy_bits(a from {a or space.bit_choices[-1]})@quad, {f:g}x budget",
+                         "timesteps": quad, "w_bits": wb, "a_bits": ab})
+    return rows
+
+
 def main(argv):
     del argv
     with sole_writer(FLAGS.out):  # two writers of one --out would lose rows
@@ -154,6 +180,7 @@ def extend_out():
             raise ValueError(f"--quad_greedy_a_starts {a}: must be among the bit choices {choices}")
         _, wb, ab = decode_np(space, budget.greedy_bits(space, a))
         rows.append({"name": f"greedy_bits(a from {a})@quad", "timesteps": quad, "w_bits": wb, "a_bits": ab})
+    rows += greedy_budget_rows(space, budget, quad, [float(x) for x in FLAGS.greedy_budgets])
     out_path = Path(FLAGS.out)
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
     done = result.setdefault("rows", {})

@@ -51,3 +51,26 @@ def test_sharpness_is_the_mean_squared_laplacian_and_blur_lowers_it():
     img = rng.uniform(-1, 1, (4, 12, 12, 1))
     blurred = (img + np.roll(img, 1, 1) + np.roll(img, -1, 1) + np.roll(img, 1, 2) + np.roll(img, -1, 2)) / 5
     assert headroom.sharpness(blurred) < 0.3 * headroom.sharpness(img)
+
+
+def test_greedy_budget_rows_are_greedy_bits_under_each_scaled_budget():
+    from tmpq_jax import quant
+    from tmpq_jax.search.budget import Budget
+
+    sites = quant.SiteTable(tuple(quant.Site(n, "conv", m, 1, 0, 0) for n, m in (("a", 10), ("b", 20), ("c", 70))))
+    space = SearchSpace.create(num_steps=2, num_sites=3, bit_choices=(8, 6), seed_bits=6)
+    budget = Budget.create(sites, space)  # W6A6: 100 * 36 * 2 steps = 7200
+    quad = [800, 0]
+    rows = headroom.greedy_budget_rows(space, budget, quad, [1.0, 1.5])
+    # activations from 6 (the lowest choice) or from 8; from 8 does not fit 1x (W6A8 = 9600 BitOPs): left out
+    assert [r["name"] for r in rows] == ["greedy_bits(a from 6)@quad, 1x budget",
+                                         "greedy_bits(a from 6)@quad, 1.5x budget",
+                                         "greedy_bits(a from 8)@quad, 1.5x budget"]
+    # 1x: all at W6A6 fits, raising any site to W8A8 does not; 1.5x (10,800): a and b fit at W8A8 (64 * 30 + 36 *
+    # 70 = 4440 per step = 8880), c too would cost 12,800; from A8 (W6A8 = 9600): a and b raise to W8 (10,560)
+    assert [np.asarray(r["w_bits"]).tolist() for r in rows] == [[6, 6, 6], [8, 8, 6], [8, 8, 6]]
+    assert [np.asarray(r["a_bits"]).tolist() for r in rows] == [[6, 6, 6], [8, 8, 6], [8, 8, 8]]
+    assert all(r["timesteps"] == quad for r in rows)
+    for bad in (0.5, 2.0, float("nan")):  # outside [all-lowest, all-highest] = [1, 64/36]
+        with pytest.raises(ValueError, match=rf"--greedy_budgets {bad}: valid fractions .* 1.000 to 1.778"):
+            headroom.greedy_budget_rows(space, budget, quad, [bad])
