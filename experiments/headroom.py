@@ -207,7 +207,9 @@ def extend_out():
     sel = NoiseSet(FLAGS.fitness_seed, "select", c.select_samples)
     metric_list = ([fit_mod.make_metric(m, c, c.fitness_reference) for m in FLAGS.fitness_metrics]
                    or [run_mod.build_metrics(c).fitness])
-    teacher = (run_mod.teacher_images(c, problem, ev, sel, work / f"seed{FLAGS.fitness_seed}")
+    seed_dir = work / f"seed{FLAGS.fitness_seed}"  # the search benchmark's folder of this seed's teachers
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    teacher = (run_mod.teacher_images(c, problem, ev, sel, seed_dir)
                if any(m.paired for m in metric_list) else None)
     result["select_noise"] = {**sel.describe(), "metrics": [m.name for m in metric_list],
                               "teacher_sharpness": None if teacher is None else sharpness(teacher)}
