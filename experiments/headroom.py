@@ -21,7 +21,6 @@ python experiments/headroom.py --config experiments/configs/default.py --num_ste
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ from experiments import heldout as ho  # noqa: E402
 from tmpq_jax import data  # noqa: E402
 from tmpq_jax.benchmark import sole_writer  # noqa: E402
 from tmpq_jax.search import fitness as fit_mod  # noqa: E402
+from tmpq_jax.search import pareto  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import decode_np  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
@@ -123,17 +123,13 @@ def panel(space, greedy_variants: dict, visited_rows: list, chosen: str, schedul
 
 def greedy_budget_rows(space, budget, quad, fractions: list[float]) -> list[dict]:
     """greedy_bits (both activation starts, `run.greedy_variants`; a start over the budget is left out) at DDIM-quad
-    under each fraction of `budget`."""
-    lo = int(budget.cost_of(space.uniform_bits(min(space.bit_choices))))
-    hi = int(budget.cost_of(space.uniform_bits(max(space.bit_choices))))
+    under each fraction of `budget` (checked as config.budgets entries: `pareto.budget_limits`)."""
+    pareto.budget_limits(fractions, budget.limit, int(budget.cost_of(space.uniform_bits(min(space.bit_choices)))),
+                         int(budget.cost_of(space.uniform_bits(max(space.bit_choices)))))
     rows = []
     for f in fractions:
-        limit = int(f * budget.limit) if math.isfinite(f) else -1
-        if not lo <= limit <= hi:
-            raise ValueError(f"--greedy_budgets {f}: valid fractions put the budget between the all-lowest and the "
-                             f"all-highest candidate, {lo / budget.limit:.3f} to {hi / budget.limit:.3f}")
-        scaled = dataclasses.replace(budget, limit=limit)
-        for g, a in run_mod.greedy_variants(space, scaled):
+        limit = pareto.entry_limit(f, budget.limit)
+        for g, a in run_mod.greedy_variants(space, dataclasses.replace(budget, limit=limit)):
             _, wb, ab = decode_np(space, g)
             if budget.cost(wb, ab) > limit:  # its activation start alone exceeds this budget
                 continue

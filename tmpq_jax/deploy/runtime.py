@@ -228,7 +228,6 @@ class QuantizedModel:
         fn = self._sampler
         outs = []
         for idx, real in fixed_batches(len(noise), batch):  # one batch size: one compile, as in the search
-            idx = np.asarray(idx)
             outs.append(np.asarray(fn(*self.arrays, noise[idx], labels[idx]))[:real])
             if progress is not None:
                 progress(real)

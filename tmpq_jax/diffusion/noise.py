@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PURPOSES = {"fitness": 1, "select": 2, "report": 3}
 
@@ -24,12 +25,9 @@ def purpose_noise(seed: int, purpose: str, n: int, sample_shape: tuple[int, ...]
 def fixed_batches(n: int, batch: int):
     """Row indices of n rows in batches of one size, min(batch, n): the last batch repeats its last row to fill, so
     that a jitted sampler compiles once for every n (on a CPU one compile of a quantized sampler costs as much as
-    about 2,500 UNet evaluations of mnist-small). Yields (indices, number of real rows)."""
+    about 2,500 UNet evaluations of mnist-small). Yields (indices (numpy int), number of real rows)."""
     if batch < 1 or n < 0:
         raise ValueError(f"fixed_batches(n={n}, batch={batch}) is invalid; valid: n >= 0, batch >= 1")
     size = min(batch, n)
     for start in range(0, n, size) if n else ():
-        real = min(size, n - start)
-        idx = list(range(start, start + real)) + [start + real - 1] * (size - real)
-        yield jnp.asarray(idx, jnp.int32), real
-
+        yield np.minimum(np.arange(start, start + size), n - 1), min(size, n - start)
