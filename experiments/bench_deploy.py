@@ -29,6 +29,8 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags  # noqa: E402
+apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_jax/cpu_flags.py)
 from tmpq_jax import deploy, diffusion, models, quant  # noqa: E402
 from tmpq_jax.benchmark import environment, timed  # noqa: E402
 

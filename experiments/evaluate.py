@@ -32,6 +32,8 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags  # noqa: E402
+apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_jax/cpu_flags.py)
 from tmpq_jax import data, metrics as M  # noqa: E402
 from tmpq_jax.search import fitness  # noqa: E402
 from tmpq_jax.search.cache import cache_key, key_diff  # noqa: E402

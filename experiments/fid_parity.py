@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags  # noqa: E402
+apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_jax/cpu_flags.py)
 from tmpq_jax.benchmark import environment  # noqa: E402
 from tmpq_jax.metrics import fid  # noqa: E402
 from tmpq_jax.metrics import inception_weights as W  # noqa: E402

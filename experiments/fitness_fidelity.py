@@ -31,6 +31,8 @@ from ml_collections import config_flags
 from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags  # noqa: E402
+apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_jax/cpu_flags.py)
 from tmpq_jax import metrics  # noqa: E402
 from tmpq_jax.benchmark import environment  # noqa: E402
 from tmpq_jax.search import fitness as fit_mod  # noqa: E402

@@ -22,7 +22,6 @@ python experiments/headroom.py --config experiments/configs/default.py --num_ste
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,9 +31,11 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags  # noqa: E402
+apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_jax/cpu_flags.py)
 from experiments import heldout as ho  # noqa: E402
 from tmpq_jax import data  # noqa: E402
-from tmpq_jax.benchmark import sole_writer  # noqa: E402
+from tmpq_jax.benchmark import machine, sole_writer  # noqa: E402
 from tmpq_jax.search import fitness as fit_mod  # noqa: E402
 from tmpq_jax.search import pareto  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
@@ -185,7 +186,7 @@ def extend_out():
     result.update({"command": "python experiments/headroom.py " + " ".join(sys.argv[1:]), "noise": noise.describe(),
                    "reference": "mnist-heldout (500 held-out digits)", "num_steps": FLAGS.num_steps,
                    "budget_bitops": int(budget.limit), "interval": "95% bootstrap percentile, bias-shifted",
-                   "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}"})
+                   "machine": machine()})
     print(f"{len(rows)} candidates on {noise.describe()}", flush=True)
     for i, r in enumerate(rows):
         if r["name"] in done:

@@ -22,7 +22,6 @@ python experiments/quant_quality.py --num_samples 500 --noise_seed 7 --schedules
 
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -32,9 +31,11 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags, backend_opt_level  # noqa: E402
+apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_jax/cpu_flags.py)
 from experiments import heldout  # noqa: E402
 from tmpq_jax import data, diffusion, quant  # noqa: E402
-from tmpq_jax.benchmark import sole_writer  # noqa: E402
+from tmpq_jax.benchmark import machine, sole_writer  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.cache import cache_tag  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
@@ -152,7 +153,8 @@ def extend_out():
                 fp_images[sched_name] = images_for(work / f"fp32_{sched_name}.npz",
                                                    lambda: evaluator.sample_fp(ts, noise_set),
                                                    {"model": problem.checkpoint_sha, "noise": noise_set.describe(),
-                                                    "timesteps": ts.tolist()})
+                                                    "timesteps": ts.tolist(),
+                                                    "xla_backend_optimization_level": backend_opt_level()})
                 key = f"{sched_name}/fp32"
                 if key not in rows and not FLAGS.sample_only:
                     rows[key] = {"schedule": sched_name, "timesteps": ts.tolist(), "bits": "fp32",
@@ -173,6 +175,7 @@ def extend_out():
                                   lambda: evaluator.sample(ts[None], wv, av, noise_set)[0],
                                   {"tables": meta["sha256"], "noise": noise_set.describe(), "timesteps": ts.tolist(),
                                    "bits": [w, a], "sample_batch": c.sample_batch,
+                                   "xla_backend_optimization_level": backend_opt_level(),
                                    **({"only": pattern} if part else {})})
                 if FLAGS.sample_only:
                     print(f"{key}: sampled in {time.time() - t1:.0f} s", flush=True)
@@ -181,7 +184,8 @@ def extend_out():
                              **({"only": {"name": part, "pattern": pattern, "sites": int(hit.sum()),
                                           "elsewhere": "W8A8"}} if part else {}),
                              "bitops": quant.bitops(problem.sites, wv[0], av[0], len(ts)),
-                             "sample_seconds": time.time() - t1, **scorer(unit, fp_images[sched_name])}
+                             "sample_seconds": time.time() - t1, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                             **scorer(unit, fp_images[sched_name])}
                 print(key, {m: rows[key][m]["value"] for m in METRICS}, flush=True)
                 save(out_path, result, rows)
     if not FLAGS.sample_only:
@@ -211,7 +215,7 @@ def save(out_path: Path, result: dict, rows: dict) -> None:
         "note": "attention probabilities stay at 8 bits (default rule), and in the first_last stages the first and "
                 "last layer (conv_in, conv_out) at W8A8; W and A bits uniform over all other sites (rows with 'only': "
                 "at the sites it names, W8A8 elsewhere)",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "machine": machine(),
         "command": "python experiments/quant_quality.py " + " ".join(sys.argv[1:]),
         "rows": rows,
     })

@@ -25,7 +25,6 @@ python experiments/search_benchmark.py --num_steps 5,10 --seeds 0,1,2 --runs 150
 
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,11 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags  # noqa: E402
+apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_jax/cpu_flags.py)
 from experiments import heldout as ho  # noqa: E402
 from tmpq_jax import data, quant  # noqa: E402
-from tmpq_jax.benchmark import sole_writer  # noqa: E402
+from tmpq_jax.benchmark import machine, sole_writer  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402
 from tmpq_jax.search.driver import SearchSettings, decode_np, evolve  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet, candidate_key, nan_to_inf  # noqa: E402
@@ -329,7 +330,7 @@ def save(out_path: Path, result: dict) -> None:
         "config": FLAGS.config, "runs": FLAGS.runs,
         "heldout_noise": NoiseSet(FLAGS.heldout_seed, "report", FLAGS.heldout_samples).describe(),
         "reference": "mnist-heldout (500 held-out digits)", "interval": "95% bootstrap percentile, bias-shifted",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+        "machine": machine(),
         "command": "python experiments/search_benchmark.py " + " ".join(sys.argv[1:]),
     })
     out_path.parent.mkdir(parents=True, exist_ok=True)

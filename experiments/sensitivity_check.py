@@ -22,6 +22,8 @@ from absl import app, flags
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags  # noqa: E402
+apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_jax/cpu_flags.py)
 from experiments import heldout as ho  # noqa: E402
 from tmpq_jax.search import knapsack, sensitivity  # noqa: E402
 from tmpq_jax.search import run as run_mod  # noqa: E402

@@ -12,6 +12,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# the entry scripts' XLA flags (LLVM -O1 on CPU-only machines), so that tests and the scripts they start compile
+# the same programs and share the cache above
+from tmpq_jax.cpu_flags import apply_cpu_xla_flags  # noqa: E402
+
+apply_cpu_xla_flags()
+
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402

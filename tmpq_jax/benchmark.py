@@ -34,7 +34,14 @@ def environment() -> dict:
 
     d = jax.devices()[0]
     return {"device": d.device_kind, "platform": d.platform, "device_count": jax.device_count(),
-            "jax": jax.__version__, "flax": flax.__version__, "host": platform.node()}
+            "jax": jax.__version__, "flax": flax.__version__, "host": platform.node(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def machine() -> str:
+    """One line for a benchmark JSON: architecture, cores, device and XLA_FLAGS (numbers depend on all four)."""
+    return (f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}, "
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
 
 def random_params(shapes, key, dtype):

@@ -13,6 +13,8 @@ import hashlib
 import json
 from typing import Any
 
+from tmpq_jax.cpu_flags import backend_opt_level
+
 # settings that change what the UNet computes for a given input (model, conditioning, numerics); the weights and a
 # folder's configs and prompts are in the model digest (`run.model_sha`)
 MODEL_FUNCTION = ("model", "guidance_scale", "negative_prompt", "memory_efficient_attention",
@@ -43,11 +45,11 @@ def _plain(value: Any) -> Any:
 
 def cache_key(kind: str, config, model_sha256: str, **content) -> dict:
     """The key of a `kind` artefact ('tables', 'teacher', 'samples'): the model digest, the config settings of
-    `CACHE_SETTINGS[kind]` (missing ones read as None) and the artefact's own `content` (e.g. its noise set and
-    candidate)."""
+    `CACHE_SETTINGS[kind]` (missing ones read as None), XLA's LLVM level (`cpu_flags`) and the artefact's own
+    `content` (e.g. its noise set and candidate)."""
     if kind not in CACHE_SETTINGS:
         raise ValueError(f"unknown cache kind {kind!r}; valid: {sorted(CACHE_SETTINGS)}")
-    key = {"kind": kind, "model_sha256": model_sha256}
+    key = {"kind": kind, "model_sha256": model_sha256, "xla_backend_optimization_level": backend_opt_level()}
     key.update({name: _plain(config.get(name, None)) for name in CACHE_SETTINGS[kind]})
     key.update({name: _plain(v) for name, v in content.items()})
     return key

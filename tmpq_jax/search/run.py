@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from tmpq_jax import checkpoint, data, diffusion, models, quant, sampling, text
 from tmpq_jax.search import knapsack, local, operators, pareto, sensitivity, timestep_dp
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
+from tmpq_jax.cpu_flags import backend_opt_level
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
 from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve, genome_key
 from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, candidate_key, check_metric_for_model,
@@ -220,6 +222,7 @@ def fingerprint(c: ml_collections.ConfigDict, checkpoint_sha: str) -> dict:
     """Every setting that affects a search's results (resume refuses a change in any of them)."""
     out = {k: v for k, v in json.loads(c.to_json()).items() if k not in NOT_IN_FINGERPRINT}
     out["checkpoint_sha256"] = checkpoint_sha
+    out["xla_backend_optimization_level"] = backend_opt_level()
     return out
 
 
@@ -1008,7 +1011,7 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
         "baseline_history": [h for h in histories if h["search"] != "joint"],
         "timing": timing, "metric_name": metric_set.fitness.name,
         "report_metric_names": list(dict.fromkeys(n for e in rep.entries.values() for n in e.get("report", {}))),
-        "devices": [d.device_kind for d in jax.devices()],
+        "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "strategy": quant.auto_strategy() if c.strategy == "auto" else c.strategy,
     }
     write_outputs(workdir, results, histories, rep.images, searches)
