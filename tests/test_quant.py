@@ -559,9 +559,13 @@ def test_strategies_match_loop(request, model, strategy):
         np.testing.assert_array_equal(x, y)
     other = _samples(tiny, strategy)
     # the same images, pixel by pixel. Measured max |difference| (images of std ~0.9): at 16 bits 3.7e-6 (map) and
-    # 2.1e-6 (vmap); at low bits 0 (map) and 6.0e-7 (vmap): no rounding flips (two different candidates differ by ~1)
+    # 2.1e-6 (vmap). At low bits (2-8) under XLA's -O3: 0 (map) and 6.0e-7 (vmap); under the CPU default -O1
+    # (tmpq_jax/cpu_flags.py) the map program rounds 3 of 6272 pixels differently, by at most 1.4e-3: rounding flips
+    # of single activations, where two different candidates differ by ~1 nearly everywhere
     np.testing.assert_allclose(other[:2], loop[:2], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(other[2:], loop[2:], rtol=0, atol=1.5e-6)
+    diff = np.abs(other[2:] - loop[2:])
+    assert np.mean(diff > 1.5e-6) <= 1e-3, f"{np.mean(diff > 1.5e-6):.2%} of low-bit pixels differ"
+    assert diff.max() <= 3e-3, f"low-bit pixels differ by up to {diff.max():.3g}"
 
 
 def test_sharded_over_four_cpu_devices():
