@@ -25,10 +25,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tmpq_jax import checkpoint, data, diffusion, models, quant, sampling, text
+from tmpq_jax.cpu_flags import backend_opt_level
 from tmpq_jax.search import knapsack, local, operators, pareto, sensitivity, timestep_dp
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
-from tmpq_jax.cpu_flags import backend_opt_level
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
 from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve, genome_key
 from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, candidate_key, check_metric_for_model,
