@@ -14,7 +14,8 @@ refuses a method that would exceed its runs). Methods:
   precision_only   the reference GA over bits at DDIM-quad
   steps_then_bits  the quantization-aware timestep DP at uniform bits, then the local search over bits at that schedule
 
-Each method's winner is its best by fitness after its top 3 are re-scored on the select noise (the same for all);
+Each method's winner is its best by the select metric (--select_metric, default the fitness) after its top 3 are
+re-scored on the select noise (the same for all);
 winners and the incumbents after --anytime runs are sampled on report noise no search used (--heldout_samples,
 --heldout_seed) and scored against the held-out digits: Inception FID and classifier FD with 95% bootstrap intervals.
 Rows are saved as they finish and reused.
@@ -63,6 +64,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
     flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
     flags.DEFINE_string("metric", "", "Fitness metric of every method ('' = the config's); rows get '@METRIC'.")
+    flags.DEFINE_string("select_metric", "", "Metric of every method's winner re-scoring on the select noise ('' = "
+                        "the config's); rows get '^METRIC'.")
     flags.DEFINE_integer("search_samples", 0, "Fitness samples per candidate (0 = the config's); a run is one "
                          "candidate at this many samples, so --runs must shrink for equal cost; rows get '/sS'.")
     flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables, teachers and samples.")
@@ -76,13 +79,16 @@ def base_config(n: int):
     c.baselines = ()
     if FLAGS.metric:
         c.metric = FLAGS.metric
+    if FLAGS.select_metric:
+        c.select_metric = FLAGS.select_metric
     if FLAGS.search_samples:
         c.search_samples = FLAGS.search_samples
     return c
 
 
 def row_suffix() -> str:
-    return (f"@{FLAGS.metric}" if FLAGS.metric else "") + (f"/s{FLAGS.search_samples}" if FLAGS.search_samples else "")
+    return ((f"@{FLAGS.metric}" if FLAGS.metric else "") + (f"^{FLAGS.select_metric}" if FLAGS.select_metric else "")
+            + (f"/s{FLAGS.search_samples}" if FLAGS.search_samples else ""))
 
 
 class Method:
@@ -90,6 +96,7 @@ class Method:
 
     def __init__(self, c, problem, tables, metric, workdir: Path, runs: int):
         self.c, self.problem, self.metric, self.workdir = c, problem, metric, workdir
+        self.select = run_mod.build_metrics(c).selection  # the winner's re-scoring metric (`winner`)
         inner = run_mod.make_evaluator(c, problem, tables)
         self.fitness_set = NoiseSet(c.noise_seed, "fitness", c.search_samples)
         self.ledger = RunLedger(runs, c.search_samples)
@@ -124,7 +131,7 @@ def run_method(name, m: Method):
     c, problem = m.c, m.problem
     space, budget = problem.space, problem.budget
     if name == "greedy_bits":
-        run_mod.greedy_finalist(c, problem, m.ev, m.metric)
+        run_mod.greedy_finalist(c, problem, m.ev, m.metric, m.select)
     elif name == "random":
         while m.generations_left(c.population_size) >= 1:
             pop = jax.vmap(space.random)(jax.random.split(jax.random.fold_in(jax.random.key(c.seed), int(
@@ -142,7 +149,7 @@ def run_method(name, m: Method):
             m.score(space, jax.tree.map(lambda *x: np.stack(x), *start))
         elif name == "local":  # as run_search: knapsack optima, their DP schedule and greedy_bits (charged)
             start.append(dp_schedule(m, start[len(start) // 2]))
-            greedy = run_mod.greedy_finalist(c, problem, m.ev, m.metric)
+            greedy = run_mod.greedy_finalist(c, problem, m.ev, m.metric, m.select)
             start += [greedy.genome] if greedy is not None else []
             if greedy is not None and c.rescore_incumbents:  # as run_search: it joins the select re-scoring
                 m.incumbents.append(candidate_key(*decode_np(space, greedy.genome)))
@@ -168,7 +175,7 @@ def winner(m: Method):
         return None
     sel = NoiseSet(m.c.noise_seed, "select", m.c.select_samples)
     arrs = [m.candidates[k] for k, _ in recs]
-    s = m.ev._inner.evaluate(*(np.stack(x) for x in zip(*arrs)), sel, [m.metric])[:, 0]
+    s = m.ev._inner.evaluate(*(np.stack(x) for x in zip(*arrs)), sel, [m.select])[:, 0]
     i = int(np.argmin(nan_to_inf(s)))
     return recs[i][0], recs[i][1], float(s[i])
 
@@ -284,7 +291,7 @@ def extend_out():
                     print(f"{row_key}: stopped: {e}", flush=True)
                 w = winner(m)
                 row = {"num_steps": n, "seed": seed, "method": name + suffix, "metric": c.metric,
-                       "suffix": suffix, "runs_limit": FLAGS.runs,
+                       "select_metric": run_mod.select_metric_name(c), "suffix": suffix, "runs_limit": FLAGS.runs,
                        "runs_spent": m.ledger.spent, "seconds": time.time() - t0, "stopped": stopped}
                 if w is not None:
                     ts, wb, ab = m.candidates[w[0]]

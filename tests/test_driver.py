@@ -276,3 +276,52 @@ def test_greedy_finalist_picks_its_variant_on_the_select_noise(evaluator_cls, pi
     assert f.fitness == pytest.approx(fit[chosen]) and f.selection is not None
     assert "select noise" in f.note
     assert [n for _, n in ev.sample_calls] == [8, 16]  # both variants once on each noise, nothing re-sampled
+
+
+@dataclasses.dataclass
+class NegMeanMetric(MeanMetric):
+    """Ranks candidates in the reverse order of MeanMetric (a select metric that disagrees with the fitness)."""
+
+    name: str = "neg_mean"
+
+    def __call__(self, images, teacher=None):
+        return -float(np.mean(images))
+
+
+def test_greedy_finalist_and_rescore_choose_by_the_select_metric():
+    import ml_collections
+
+    from tmpq_jax.search import run as run_mod
+
+    c = ml_collections.ConfigDict(dict(noise_seed=0, search_samples=8, select_samples=16, report_noise_seed=1,
+                                       final_samples=4))
+    problem = run_mod.Problem(None, None, None, SITES, SPACE, BUDGET, "")
+    ev = FakeEvaluator(None, SITES, None, None, (1,), 0, strategy="loop")
+    by_fitness = run_mod.greedy_finalist(c, problem, ev, MeanMetric())
+    by_select = run_mod.greedy_finalist(c, problem, ev, MeanMetric(), NegMeanMetric())
+    assert genome_key(by_fitness.genome) != genome_key(by_select.genome)
+    sel = ev.evaluate(*decode_np(SPACE, jax.tree.map(lambda x: x[None], by_select.genome)),
+                      run_mod.noise_sets(c)["select"], [NegMeanMetric()])[0, 0]
+    assert by_select.selection == pytest.approx(sel) and "by neg_mean" in by_select.note
+
+
+@pytest.mark.parametrize("select_metric, expected", [("", "teacher_mse"), ("teacher_mse", "teacher_mse"),
+                                                     ("teacher_classifier", "teacher_classifier")])
+def test_select_metric_defaults_to_the_fitness(select_metric, expected):
+    import ml_collections
+
+    from tmpq_jax.search import run as run_mod
+
+    c = ml_collections.ConfigDict(dict(metric="teacher_mse", select_metric=select_metric))
+    assert run_mod.select_metric_name(c) == expected
+
+
+def test_unknown_select_metric_is_refused_by_name():
+    from experiments.configs import tiny
+
+    from tmpq_jax.search import run as run_mod
+
+    c = tiny.get_config()
+    c.select_metric = "fid_of_dreams"
+    with pytest.raises(ValueError, match="select_metric='fid_of_dreams'.*valid"):
+        run_mod.validate_config(c)

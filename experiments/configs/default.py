@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fidelity_keep = 0.5
     c.select_samples = 64  # top-k re-scoring noise: fold_in(key(noise_seed), 'select')
     c.rescore_top_k = 3
+    c.select_metric = ""  # metric of that re-scoring ('' = the fitness metric); any fitness name above
     c.rescore_incumbents = True  # greedy_bits joins the re-scoring: a top-k that won on the fitness samples alone
     # (overfitted) loses to it on the select noise (README "The local search")
     c.noise_seed = 0

@@ -107,6 +107,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     spec.schedule.check_sampleable(source=source)
     # metrics and their reference data, against the model
     check_metric_for_model(c.metric, c.fitness_reference, spec.image_shape, "metric")
+    if select_metric_name(c) != c.metric:
+        check_metric_for_model(select_metric_name(c), c.fitness_reference, spec.image_shape, "select_metric")
     for name in c.report_metrics:
         check_metric_for_model(name, c.report_reference, spec.image_shape, "report_metrics")
     # text conditioning, guidance, attention and matmul precision
@@ -126,7 +128,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for name in ("memory_efficient_attention", "split_head_dim"):
         need(name, isinstance(c.get(name, False), bool), "True or False")
     need("matmul_precision", c.get("matmul_precision", "highest") in MATMUL_PRECISIONS, str(MATMUL_PRECISIONS))
-    if METRICS[c.metric].needs_reference and c.fitness_reference == c.report_reference:
+    if ((METRICS[c.metric].needs_reference or METRICS[select_metric_name(c)].needs_reference)
+            and c.fitness_reference == c.report_reference):
         raise ValueError(f"config.fitness_reference={c.fitness_reference!r} equals config.report_reference: the "
                          "reported metric must not compare with the data the fitness saw (e.g. 'mnist-fitness' "
                          "vs 'mnist-heldout')")
@@ -320,14 +323,30 @@ def front_budgets(c, sites: quant.SiteTable, space: SearchSpace, budget: Budget)
 
 @dataclasses.dataclass(frozen=True)
 class MetricSet:
-    fitness: Metric  # also the top-k selection metric, on its own noise
+    fitness: Metric  # every generation, on the fitness noise
     reports: tuple[Metric, ...]  # reported on the report noise against the report reference
+    select: Metric | None = None  # the top-k re-scoring on the select noise; None: the fitness
+
+    @property
+    def selection(self) -> Metric:
+        return self.select if self.select is not None else self.fitness
+
+
+def select_metric_name(c) -> str:
+    """`config.select_metric`, or the fitness metric when it is ''."""
+    name = c.get("select_metric", "") or c.metric
+    if name not in METRICS:
+        raise ValueError(f"config.select_metric={name!r} is unknown; valid: '' (the fitness) or one of "
+                         f"{sorted(METRICS)}")
+    return name
 
 
 def build_metrics(c) -> MetricSet:
     """Built before any long work, so missing weights or reference data fail at once."""
     fitness = make_metric(c.metric, c, c.fitness_reference)
-    return MetricSet(fitness, tuple(make_metric(n, c, c.report_reference) for n in c.report_metrics))
+    name = select_metric_name(c)
+    select = None if name == c.metric else make_metric(name, c, c.fitness_reference)
+    return MetricSet(fitness, tuple(make_metric(n, c, c.report_reference) for n in c.report_metrics), select)
 
 
 # --- stage 3: calibration ----------------------------------------------------------------------------------------------
@@ -524,9 +543,10 @@ def make_teachers(c, problem: Problem, evaluator: Evaluator, metric_set: MetricS
     need = []
     if metric_set.fitness.paired:
         need += [NoiseSet(c.noise_seed, "fitness", n) for n in (tuple(c.fidelity_samples) or (c.search_samples,))]
-        need.append(sets["select"])
         if c.algorithm == "local":  # the sensitivity probes' fitness noise
             need.append(NoiseSet(c.noise_seed, "fitness", c.sensitivity_samples))
+    if metric_set.selection.paired:
+        need.append(sets["select"])
     need.append(sets["report"])  # the FP reference row of the report
     return {s: teacher_images(c, problem, evaluator, s, workdir) for s in dict.fromkeys(need)}
 
@@ -806,7 +826,8 @@ def greedy_variants(space: SearchSpace, budget: Budget) -> list[tuple[Genome, in
     return [(budget.greedy_bits(space, a), a) for a in starts]
 
 
-def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric) -> Finalist | None:
+def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric,
+                    select: Metric | None = None) -> Finalist | None:
     """`greedy_bits`: lowest bits, then the smallest sites raised to the highest choice within the budget; also
     with activations starting one choice higher. Both are scored on the fitness noise; when both are feasible the
     select noise picks one, as `rescore` picks a search's winner (the fitness samples alone overfit the choice)."""
@@ -820,16 +841,19 @@ def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric) -
     if len(rows) == 1:
         i, sel, by = 0, None, "the only feasible one"
     else:
-        scores = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["select"], [metric])[:, 0])
+        by_metric = select or metric
+        scores = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["select"], [by_metric])[:, 0])
         i = int(np.argmin(scores))
-        sel, by = _num(scores[i]), f"better of {len(rows)} on the select noise"
+        sel, by = _num(scores[i]), f"better of {len(rows)} by {by_metric.name} on the select noise"
     return Finalist(rows[i][0], space, _num(fit[i]), sel,
                     f"greedy, activations from {rows[i][1] or choices[-1]} bits; {by}")
 
 
 def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric,
-                       searches: dict[str, SearchResult], greedy: Finalist | None = None) -> dict[str, Finalist | None]:
-    """Finalists of every configured baseline; `greedy` reuses a greedy_bits finalist made earlier."""
+                       searches: dict[str, SearchResult], greedy: Finalist | None = None,
+                       select: Metric | None = None) -> dict[str, Finalist | None]:
+    """Finalists of every configured baseline; `greedy` reuses a greedy_bits finalist made earlier. `metric` is the
+    fitness, `select` the re-scoring metric (None: the fitness)."""
     out = {}
     fitness_set = noise_sets(c)["fitness"]
     for name in c.baselines:
@@ -839,9 +863,9 @@ def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric
             fit = nan_to_inf(evaluator.evaluate(*decode_np(problem.space, pop), fitness_set, [metric])[0, 0])
             out[name] = Finalist(g, problem.space, _num(fit), None, "fixed")
         elif name == "greedy_bits":
-            out[name] = greedy if greedy is not None else greedy_finalist(c, problem, evaluator, metric)
+            out[name] = greedy if greedy is not None else greedy_finalist(c, problem, evaluator, metric, select)
         else:
-            out[name] = rescore(c, evaluator, metric, searches[name]) if name in searches else None
+            out[name] = rescore(c, evaluator, select or metric, searches[name]) if name in searches else None
     return out
 
 
@@ -864,7 +888,7 @@ def describe(problem: Problem, c, f: Finalist) -> dict:
             "within_budget": bool(cost <= problem.budget.limit),
             "mean_w_bits": float(np.average(wb, weights=problem.sites.macs)),
             "mean_a_bits": float(np.average(ab, weights=problem.sites.macs)),
-            "search": {"metric": c.metric, "fitness": f.fitness, "selection": f.selection, "note": f.note,
+            "search": {"metric": c.metric, "select_metric": select_metric_name(c), "fitness": f.fitness, "selection": f.selection, "note": f.note,
                        "fitness_noise": noise_sets(c)["fitness"].describe(),
                        "select_noise": noise_sets(c)["select"].describe()}}
 
@@ -955,7 +979,8 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     evaluator = make_evaluator(c, problem, tables)
     teachers = make_teachers(c, problem, evaluator, metric_set, workdir)
     lap("teacher")
-    greedy = greedy_finalist(c, problem, evaluator, metric_set.fitness) if "greedy_bits" in c.baselines else None
+    greedy = (greedy_finalist(c, problem, evaluator, metric_set.fitness, metric_set.selection)
+              if "greedy_bits" in c.baselines else None)
     sens, start = None, []
     if c.algorithm == "local":
         sens = site_sensitivities(c, problem, evaluator, metric_set.fitness, workdir)
@@ -974,11 +999,11 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     n_evals = sum(int((r.log["level"] >= 0).sum()) for r in searches.values())
     timing["candidates_per_second"] = n_evals / max(sum(float(r.log["seconds"].sum()) for r in searches.values()),
                                                     1e-9)
-    best = rescore(c, evaluator, metric_set.fitness, searches["joint"],
+    best = rescore(c, evaluator, metric_set.selection, searches["joint"],
                    [greedy] if c.get("rescore_incumbents", False) else [])
-    front = front_finalists(c, problem, evaluator, metric_set.fitness, searches, best, [greedy])
+    front = front_finalists(c, problem, evaluator, metric_set.selection, searches, best, [greedy])
     lap("rescore")
-    baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches, greedy)
+    baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches, greedy, metric_set.selection)
     lap("baselines")
     front_names = {f"pareto_{i}": f for i, f in enumerate(front)}
     rep = report(c, problem, evaluator, metric_set, {"best": best, **baselines, **front_names}, teachers)
