@@ -149,6 +149,8 @@ def run_method(name, m: Method):
             m.score(space, jax.tree.map(lambda *x: np.stack(x), *start))
         elif name == "local":  # as run_search: knapsack optima, their DP schedule and greedy_bits (charged)
             start.append(dp_schedule(m, start[len(start) // 2]))
+            if c.get("rescore_starts", False):  # as run_search: the warm start joins the select re-scoring
+                m.incumbents += [candidate_key(*decode_np(space, g)) for g in start]
             greedy = run_mod.greedy_finalist(c, problem, m.ev, m.metric, m.select)
             start += [greedy.genome] if greedy is not None else []
             if greedy is not None and c.rescore_incumbents:  # as run_search: it joins the select re-scoring

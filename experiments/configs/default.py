@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.select_metric = ""  # metric of that re-scoring ('' = the fitness metric); any fitness name above
     c.rescore_incumbents = True  # greedy_bits joins the re-scoring: a top-k that won on the fitness samples alone
     # (overfitted) loses to it on the select noise (README "The local search")
+    c.rescore_starts = True  # algorithm 'local': its warm start (knapsack optima, their DP schedule) joins it too
     c.noise_seed = 0
     c.report_metrics = ("classifier_fd", "inception_fid")  # on the final candidates, report noise
     c.report_reference = "mnist-heldout"  # never what the fitness compares with

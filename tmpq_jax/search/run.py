@@ -43,7 +43,7 @@ SINGLE_AXIS = {"timestep_only": dict(search_timesteps=True, search_bits=False),
 # settings that change no search result: left out of the resume fingerprint
 NOT_IN_FINGERPRINT = ("report_metrics", "report_reference", "report_noise_seed", "final_samples", "fid_cache",
                       "fid_batch", "sample_batch", "chunk_size", "multihost", "select_samples", "rescore_top_k",
-                      "rescore_incumbents")
+                      "rescore_incumbents", "rescore_starts", "select_metric")
 
 
 # --- config -------------------------------------------------------------------------------------------------------
@@ -999,8 +999,10 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     n_evals = sum(int((r.log["level"] >= 0).sum()) for r in searches.values())
     timing["candidates_per_second"] = n_evals / max(sum(float(r.log["seconds"].sum()) for r in searches.values()),
                                                     1e-9)
-    best = rescore(c, evaluator, metric_set.selection, searches["joint"],
-                   [greedy] if c.get("rescore_incumbents", False) else [])
+    incumbents = [greedy] if c.get("rescore_incumbents", False) else []
+    if c.get("rescore_starts", False):  # the warm start: a search that only drifted from it returns it
+        incumbents += [Finalist(jax.tree.map(np.asarray, g), problem.space, None, None, "warm start") for g in start]
+    best = rescore(c, evaluator, metric_set.selection, searches["joint"], incumbents)
     front = front_finalists(c, problem, evaluator, metric_set.selection, searches, best, [greedy])
     lap("rescore")
     baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches, greedy, metric_set.selection)
