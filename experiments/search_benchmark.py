@@ -139,10 +139,13 @@ def run_method(name, m: Method):
             pop, _, ok = budget.repair(jax.tree.map(np.asarray, pop), space)
             m.score(space, jax.tree.map(lambda x: x[ok], pop))
     elif name in ("knapsack", "local", "steps_then_bits"):
+        spent = m.ledger.spent
         try:
             sens = run_mod.site_sensitivities(c, problem, m.ev, m.metric, m.workdir)
         finally:  # probes are not candidates of the method, also when its runs ran out during them
             m.ledger.records.clear()
+        if m.ledger.spent == spent:  # loaded from the workdir's cache: charged as if sampled (equal cost)
+            m.ledger.charge(sens.runs, c.sensitivity_samples, "sensitivities (cached)")
         start = run_mod.knapsack_start(c, problem, sens)
         fill = run_mod.local.make_fill(budget, sens.w_damage, sens.a_damage)
         if name == "knapsack":
