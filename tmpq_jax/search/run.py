@@ -888,7 +888,8 @@ def describe(problem: Problem, c, f: Finalist) -> dict:
             "within_budget": bool(cost <= problem.budget.limit),
             "mean_w_bits": float(np.average(wb, weights=problem.sites.macs)),
             "mean_a_bits": float(np.average(ab, weights=problem.sites.macs)),
-            "search": {"metric": c.metric, "select_metric": select_metric_name(c), "fitness": f.fitness, "selection": f.selection, "note": f.note,
+            "search": {"metric": c.metric, "select_metric": select_metric_name(c), "fitness": f.fitness,
+                       "selection": f.selection, "note": f.note,
                        "fitness_noise": noise_sets(c)["fitness"].describe(),
                        "select_noise": noise_sets(c)["select"].describe()}}
 
