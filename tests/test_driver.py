@@ -288,7 +288,7 @@ class NegMeanMetric(MeanMetric):
         return -float(np.mean(images))
 
 
-def test_greedy_finalist_and_rescore_choose_by_the_select_metric():
+def test_greedy_finalist_chooses_by_the_select_metric():
     import ml_collections
 
     from tmpq_jax.search import run as run_mod
