@@ -31,7 +31,8 @@ def test_search_writes_results_with_all_fields(tiny_run):
     assert sum(m["sites"].values()) == m["macs_per_step"]
     assert set(r["reference"]) >= {"steps", "timesteps", "bitops", "report"}
     fields = {"timesteps", "w_bits", "a_bits", "bitops", "bitops_reduction", "search", "report"}
-    assert set(r["baselines"]) == {"uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits"}
+    assert set(r["baselines"]) == {"uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits",
+                                   "knapsack"}
     for entry in [r["best"], *r["baselines"].values()]:
         assert set(entry) >= fields
         assert set(entry["w_bits"]) == set(m["sites"]) and set(entry["a_bits"]) == set(m["sites"])
@@ -48,6 +49,15 @@ def test_search_writes_results_with_all_fields(tiny_run):
     assert set(searched.values()) == {6}
     assert r["baselines"]["timestep_only"]["w_bits"]["unet/conv_in"] == 8
     assert r["baselines"]["precision_only"]["timesteps"] == r["baselines"]["uniform_w6a6"]["timesteps"]
+    # the default search (algorithm 'local'): its knapsack start alone is a baseline, at DDIM-quad, chosen among the
+    # optima on the select noise by the select metric; its probes count in the run's sampler runs
+    assert r["config"]["algorithm"] == "local" and r["config"]["select_metric"] == "teacher_inception"
+    knap = r["baselines"]["knapsack"]
+    assert knap["timesteps"] == r["baselines"]["uniform_w6a6"]["timesteps"] and knap["within_budget"]
+    assert "knapsack optimum" in knap["search"]["note"] and "teacher_inception" in knap["search"]["note"]
+    assert knap["search"]["selection"] is not None and knap["search"]["select_metric"] == "teacher_inception"
+    assert r["best"]["search"]["select_metric"] == "teacher_inception"
+    assert r["timing"]["sampling_runs"] > r["timing"]["sensitivity_runs"] == 9  # all-top + 8 probes (mac share 0.3)
     assert len(r["history"]) == r["config"]["generations"]
     assert set(r["history"][0]) >= {"generation", "best", "median", "feasible_fraction", "new"}
     assert r["timing"]["candidates_per_second"] > 0
@@ -144,7 +154,7 @@ def test_search_reports_inception_fid_of_the_final_sets(tiny_run, fid_cache):
 
 def test_search_writes_samples_plots_and_checkpoints(tiny_run):
     work, r, _ = tiny_run
-    for name in ("reference", "best", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits"):
+    for name in ("reference", "best", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits", "knapsack"):
         images = np.load(work / f"samples_{name}.npz")["images"]
         assert images.shape == (r["config"]["final_samples"], 28, 28, 1)
         assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.1

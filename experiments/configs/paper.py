@@ -10,6 +10,9 @@ import default  # noqa: E402
 
 def get_config():
     c = default.get_config()
+    c.algorithm = "evolution"  # the reference GA, with its own fitness for the top-k re-scoring
+    c.select_metric = ""
+    c.baselines = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits")
     c.population_size = 50
     c.generations = 20
     c.budgets = ()  # the reference searches one budget; e.g. --config.budgets=(0.5,0.75) adds a front

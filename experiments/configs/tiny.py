@@ -20,6 +20,10 @@ def get_config():
     c.final_samples = 8
     c.rescore_top_k = 2
     c.pareto_generations = 1
+    c.sensitivity_samples = 8  # the fitness samples
+    c.sensitivity_mac_share = 0.3  # 8 probes
+    c.dp_per_group = 3
+    c.dp_samples = 8
     c.reference_steps = 4
     c.calib_steps = 4
     c.calib_samples = 8

@@ -37,7 +37,7 @@ from tmpq_jax.search.space import Genome, SearchSpace
 from tmpq_jax.visual import save_grid, save_plots
 
 MATMUL_PRECISIONS = ("highest", "high", "default")  # jax_default_matmul_precision (TPU: 'default' = bf16 passes)
-BASELINES = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits")
+BASELINES = ("uniform_w8a8", "uniform_w6a6", "timestep_only", "precision_only", "greedy_bits", "knapsack")
 SINGLE_AXIS = {"timestep_only": dict(search_timesteps=True, search_bits=False),
                "precision_only": dict(search_timesteps=False, search_bits=True)}
 # settings that change no search result: left out of the resume fingerprint
@@ -797,13 +797,16 @@ def rescore(c, evaluator: Evaluator, metric: Metric, result: SearchResult, incum
 
     `incumbents` (Finalists of the same space, e.g. greedy_bits of the warm start) join the re-scoring when they are
     not among the top-k: a search whose top-k won on the fitness samples alone (more candidates than samples) then
-    returns its incumbent, unless a candidate of its own also wins on the select noise."""
+    returns its incumbent, unless a candidate of its own also wins on the select noise. An incumbent without a
+    fitness (the warm start) gets the one the search logged for it."""
     top = result.top_unique(c.rescore_top_k)
     if not top:
         raise RuntimeError(f"search {result.name!r} found no feasible candidate in {c.generations} generations; "
                            "raise the budget")
     seen = {genome_key(g) for g, _ in top}
-    extra = [(jax.tree.map(np.asarray, f.genome), f.fitness) for f in incumbents
+    logged = {genome_key(g): f for g, f in result.top_unique(len(result.scored()[1]))}  # every feasible one
+    extra = [(jax.tree.map(np.asarray, f.genome), f.fitness if f.fitness is not None else logged.get(
+        genome_key(f.genome))) for f in incumbents
              if f is not None and f.space == result.space and genome_key(f.genome) not in seen]
     rows = top + extra
     genomes = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in rows])
@@ -849,11 +852,31 @@ def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric,
                     f"greedy, activations from {rows[i][1] or choices[-1]} bits; {by}")
 
 
+def knapsack_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric, genomes: list[Genome],
+                      select: Metric | None = None) -> Finalist | None:
+    """`knapsack`: the exact knapsack optima of the additive damage (`knapsack_start`, DDIM-quad timesteps), one per
+    `knapsack_weights` entry, scored on the fitness noise; the best of them on the select noise (by `select`, None:
+    the fitness), as `rescore` picks a search's winner. The local search's start without its search."""
+    space = problem.space
+    if not genomes:
+        return None
+    pop = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *genomes)
+    fit = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["fitness"], [metric])[:, 0])
+    by_metric = select or metric
+    scores = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["select"], [by_metric])[:, 0])
+    i = int(np.argmin(scores))
+    weight = list(c.knapsack_weights)[i] if i < len(c.knapsack_weights) else None
+    return Finalist(jax.tree.map(lambda x: x[i], pop), space, _num(fit[i]), _num(scores[i]),
+                    f"knapsack optimum (weights' share {weight}); best of {len(genomes)} by {by_metric.name} on the "
+                    "select noise")
+
+
 def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric,
                        searches: dict[str, SearchResult], greedy: Finalist | None = None,
-                       select: Metric | None = None) -> dict[str, Finalist | None]:
-    """Finalists of every configured baseline; `greedy` reuses a greedy_bits finalist made earlier. `metric` is the
-    fitness, `select` the re-scoring metric (None: the fitness)."""
+                       select: Metric | None = None, knapsack_genomes=()) -> dict[str, Finalist | None]:
+    """Finalists of every configured baseline; `greedy` reuses a greedy_bits finalist made earlier, and
+    `knapsack_genomes` are the knapsack optima of the run's sensitivities. `metric` is the fitness, `select` the
+    re-scoring metric (None: the fitness)."""
     out = {}
     fitness_set = noise_sets(c)["fitness"]
     for name in c.baselines:
@@ -864,6 +887,8 @@ def baseline_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric
             out[name] = Finalist(g, problem.space, _num(fit), None, "fixed")
         elif name == "greedy_bits":
             out[name] = greedy if greedy is not None else greedy_finalist(c, problem, evaluator, metric, select)
+        elif name == "knapsack":
+            out[name] = knapsack_finalist(c, problem, evaluator, metric, list(knapsack_genomes), select)
         else:
             out[name] = rescore(c, evaluator, select or metric, searches[name]) if name in searches else None
     return out
@@ -982,15 +1007,20 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     lap("teacher")
     greedy = (greedy_finalist(c, problem, evaluator, metric_set.fitness, metric_set.selection)
               if "greedy_bits" in c.baselines else None)
-    sens, start = None, []
-    if c.algorithm == "local":
+    sens, start, knapsack_optima = None, [], []
+    if c.algorithm == "local" or "knapsack" in c.baselines:
         sens = site_sensitivities(c, problem, evaluator, metric_set.fitness, workdir)
-        start = knapsack_start(c, problem, sens)
+        knapsack_optima = knapsack_start(c, problem, sens)
+        timing["sensitivity_runs"] = sens.runs
+    if c.algorithm == "local":
+        start = list(knapsack_optima)
         if problem.space.search_timesteps and c.dp_per_group > 1:  # steps for the bits of the middle weighting
             start.append(dp_timesteps(c, problem, evaluator, start[len(start) // 2]))
             print(f"timestep DP for the knapsack bits: {decode_np(problem.space, start[-1])[0].tolist()}", flush=True)
-        timing["sensitivity_runs"] = sens.runs
+    if sens is not None:
         lap("sensitivities")
+    if c.algorithm != "local":  # the reference GA keeps its own repair (sensitivities only for the baseline)
+        sens = None
     searches = run_searches(c, problem, evaluator, metric_set.fitness, workdir, resume,
                             start + ([greedy.genome] if greedy is not None else []), sens)
     lap("search")
@@ -1006,7 +1036,8 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     best = rescore(c, evaluator, metric_set.selection, searches["joint"], incumbents)
     front = front_finalists(c, problem, evaluator, metric_set.selection, searches, best, [greedy])
     lap("rescore")
-    baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches, greedy, metric_set.selection)
+    baselines = baseline_finalists(c, problem, evaluator, metric_set.fitness, searches, greedy, metric_set.selection,
+                                   knapsack_optima)
     lap("baselines")
     front_names = {f"pareto_{i}": f for i, f in enumerate(front)}
     rep = report(c, problem, evaluator, metric_set, {"best": best, **baselines, **front_names}, teachers)
