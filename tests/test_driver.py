@@ -223,40 +223,6 @@ def test_rescore_returns_the_incumbent_only_when_it_wins_on_the_select_noise(tmp
         assert guarded.note.endswith("and 1 incumbent(s)")
 
 
-@dataclasses.dataclass
-class SelectFavoursBits(FakeEvaluator):
-    """As FakeEvaluator, but on the select noise the candidate `favoured` (timesteps, weight and activation bits,
-    concatenated) scores -1."""
-
-    favoured: tuple = ()
-
-    def sample(self, ts, wb, ab, noise_set):
-        out = super().sample(ts, wb, ab, noise_set)
-        if noise_set.purpose == "select":
-            bits = np.concatenate([np.asarray(ts), np.asarray(wb), np.asarray(ab)], -1)
-            out[(bits == np.asarray(self.favoured)).all(-1)] = -1.0
-        return out
-
-
-def test_a_winning_warm_start_keeps_the_fitness_its_search_logged(tmp_path):
-    """A warm start joins the re-scoring without a fitness (`rescore_starts`); when it wins, the finalist carries
-    the fitness the search logged for it, not None."""
-    import ml_collections
-
-    from tmpq_jax.search import run as run_mod
-
-    result = run(tmp_path, fake_evaluator(), generations=3)
-    c = ml_collections.ConfigDict(dict(rescore_top_k=2, noise_seed=0, search_samples=8, select_samples=16,
-                                       report_noise_seed=1, final_samples=4))
-    (g, logged_fitness) = result.top_unique(3)[2]  # scored by the search, not in its top 2
-    start = run_mod.Finalist(jax.tree.map(np.asarray, g), SPACE, None, None, "warm start")
-    ev = SelectFavoursBits(None, SITES, None, None, (1,), 0, strategy="loop",
-                           favoured=tuple(np.concatenate(decode_np(SPACE, jax.tree.map(lambda x: x[None], g)), -1)[0]))
-    won = run_mod.rescore(c, ev, MeanMetric(), result, [start])
-    assert genome_key(won.genome) == genome_key(g) and "an incumbent won" in won.note
-    assert won.fitness == logged_fitness and np.isfinite(logged_fitness)
-
-
 def test_warm_starts_within_the_budget_enter_as_given_and_are_not_refined():
     from tmpq_jax.search.driver import propose
 

@@ -36,7 +36,7 @@ def test_writes_samples_of_every_feasible_candidate(search_dir, evaluated):
     r, out = evaluated
     names = ["reference", "best"] + [k for k, e in results["baselines"].items() if not e.get("infeasible")]
     front = [f"pareto_{i}" for i, e in enumerate(results["pareto"]) if not e.get("infeasible")]
-    assert list(r["candidates"]) == names + front and len(names) == 7 and len(front) == len(results["pareto"]) == 3
+    assert list(r["candidates"]) == names + front and len(names) == 8 and len(front) == len(results["pareto"]) == 3
     assert json.loads(out.read_text()) == r
     assert r["noise"] == {"n": N, "noise_seed": SEED, "noise_purpose": "report"}
     assert r["reference"] == "mnist-heldout" and r["bootstrap"] == B

@@ -797,16 +797,13 @@ def rescore(c, evaluator: Evaluator, metric: Metric, result: SearchResult, incum
 
     `incumbents` (Finalists of the same space, e.g. greedy_bits of the warm start) join the re-scoring when they are
     not among the top-k: a search whose top-k won on the fitness samples alone (more candidates than samples) then
-    returns its incumbent, unless a candidate of its own also wins on the select noise. An incumbent without a
-    fitness (the warm start) gets the one the search logged for it."""
+    returns its incumbent, unless a candidate of its own also wins on the select noise."""
     top = result.top_unique(c.rescore_top_k)
     if not top:
         raise RuntimeError(f"search {result.name!r} found no feasible candidate in {c.generations} generations; "
                            "raise the budget")
     seen = {genome_key(g) for g, _ in top}
-    logged = {genome_key(g): f for g, f in result.top_unique(len(result.scored()[1]))}  # every feasible one
-    extra = [(jax.tree.map(np.asarray, f.genome), f.fitness if f.fitness is not None else logged.get(
-        genome_key(f.genome))) for f in incumbents
+    extra = [(jax.tree.map(np.asarray, f.genome), f.fitness) for f in incumbents
              if f is not None and f.space == result.space and genome_key(f.genome) not in seen]
     rows = top + extra
     genomes = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in rows])
@@ -1031,8 +1028,12 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
     timing["candidates_per_second"] = n_evals / max(sum(float(r.log["seconds"].sum()) for r in searches.values()),
                                                     1e-9)
     incumbents = [greedy] if c.get("rescore_incumbents", False) else []
-    if c.get("rescore_starts", False):  # the warm start: a search that only drifted from it returns it
-        incumbents += [Finalist(jax.tree.map(np.asarray, g), problem.space, None, None, "warm start") for g in start]
+    if c.get("rescore_starts", False) and start:  # the warm start: a search that only drifted from it returns it
+        pop = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *start)
+        fit = nan_to_inf(evaluator.evaluate(*decode_np(problem.space, pop), noise_sets(c)["fitness"],
+                                            [metric_set.fitness])[:, 0])  # cached where the search scored it
+        incumbents += [Finalist(jax.tree.map(np.asarray, g), problem.space, _num(f), None, "warm start")
+                       for g, f in zip(start, fit)]
     best = rescore(c, evaluator, metric_set.selection, searches["joint"], incumbents)
     front = front_finalists(c, problem, evaluator, metric_set.selection, searches, best, [greedy])
     lap("rescore")
