@@ -54,7 +54,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command line (defined only when run as a script, so that tests can import this module next to
     other experiments that define the same flag names)."""
-    flags.DEFINE_string("config", "experiments/configs/search_benchmark.py", "Base config (model, calibration, "
+    flags.DEFINE_string("config", "experiments/configs/search_benchmark_base.py", "Base config (model, calibration, "
                        "fitness; the search settings of every committed row).")
     flags.DEFINE_list("num_steps", ["5", "10"], "N values.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Search seeds (random key and fitness noise).")

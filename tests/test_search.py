@@ -210,17 +210,17 @@ def test_default_configs_validate():
     import default
     import paper
 
-    import search_benchmark
+    import search_benchmark_base
     import steps5
 
-    for c in (default.get_config(), paper.get_config(), _config(), steps5.get_config(), search_benchmark.get_config()):
+    for c in (default.get_config(), paper.get_config(), _config(), steps5.get_config(), search_benchmark_base.get_config()):
         run_mod.validate_config(c)
     assert steps5.get_config().num_steps == 5
     # the default runs the search of issue 17; the reference GA keeps TMPQ-DM's settings under its own config; the
     # search benchmark's base keeps the settings its committed rows ran with
     assert default.get_config().algorithm == "local" and paper.get_config().algorithm == "evolution"
     assert paper.get_config().select_metric == "" and "knapsack" not in paper.get_config().baselines
-    b = search_benchmark.get_config()
+    b = search_benchmark_base.get_config()
     assert (b.select_metric, b.sensitivity_samples, b.sensitivity_mac_share, b.sample_batch) == ("", 8, 0.9, 16)
 
 
