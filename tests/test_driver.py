@@ -350,3 +350,31 @@ def test_knapsack_finalist_is_the_best_optimum_on_the_select_noise(evaluator_cls
     assert f"weights' share {c.knapsack_weights[chosen]}" in f.note and "select noise" in f.note
     assert [n for _, n in ev.sample_calls][:2] == [8, 16]  # all optima in one call per noise set
     assert run_mod.knapsack_finalist(c, problem, ev, MeanMetric(), []) is None
+
+
+@pytest.mark.parametrize("best_selection, larger_takes_best", [(-1e9, True), (1e9, False)])
+def test_a_larger_budget_of_the_front_is_never_worse_than_a_smaller_ones_point(tmp_path, best_selection,
+                                                                               larger_takes_best):
+    """`front_finalists`: the 1.4x budget's point is `best` (the default budget's, e.g. a warm start outside the pool's
+    top-k) when `best` wins on the select noise, else the pool's own candidate; the 0.97x point fits its budget."""
+    import ml_collections
+
+    from tmpq_jax.search import run as run_mod
+
+    result = run(tmp_path, fake_evaluator(), generations=3)
+    c = ml_collections.ConfigDict(dict(rescore_top_k=2, noise_seed=0, search_samples=8, select_samples=16,
+                                       report_noise_seed=1, final_samples=4))
+    small = Budget.create(SITES, SPACE, int(BUDGET.limit * 0.97))  # the pool holds a few candidates under it
+    large = Budget.create(SITES, SPACE, int(BUDGET.limit * 1.4))
+    problem = run_mod.Problem(None, None, None, SITES, SPACE, BUDGET, "", budgets=(small, BUDGET, large))
+    cheap = jax.tree.map(np.asarray, SPACE.uniform_bits(5))  # not where the pool's top-k are
+    best = run_mod.Finalist(cheap, SPACE, 0.5, best_selection, "warm start")
+    ev = fake_evaluator()
+    lo, mid, hi = run_mod.front_finalists(c, problem, ev, MeanMetric(), {"joint": result}, best)
+    assert mid is best and small.is_feasible(lo.genome) and large.is_feasible(hi.genome)
+    if larger_takes_best:
+        assert genome_key(hi.genome) == genome_key(best.genome) and hi.selection == best_selection
+        assert hi.note.startswith("the point of a smaller budget")
+    else:
+        assert genome_key(hi.genome) != genome_key(best.genome) and hi.note.startswith("best of")
+        assert hi.selection < best_selection

@@ -757,24 +757,31 @@ def budget_searches(c, problem: Problem, evaluator: Evaluator, metric: Metric, w
 def front_finalists(c, problem: Problem, evaluator: Evaluator, metric: Metric, searches: dict[str, SearchResult],
                     best: Finalist, extra=()) -> list[Finalist | None]:
     """One finalist per budget of the front (ascending): the default budget's is `best`; the others are the best on
-    the select noise of the pool's top `rescore_top_k` that fit that budget (None if none fits)."""
+    the select noise of the pool's top `rescore_top_k` that fit that budget (None if none fits) and of the points
+    already chosen for smaller budgets (they fit too): a larger budget's point is never worse there than a smaller
+    one's (`best` is a warm start the pool's top-k may not hold)."""
     pool = candidate_pool(problem, searches, extra)
     picks = pareto.best_per_budget(pool.costs, pool.fitness, [b.limit for b in problem.budgets], c.rescore_top_k)
-    out = []
+    out: list[Finalist | None] = []
     for bud, idx in zip(problem.budgets, picks):
         if bud.limit == problem.budget.limit:
             out.append(best)
             continue
-        if not len(idx):
-            out.append(None)
-            continue
-        sel = nan_to_inf(evaluator.evaluate(pool.timesteps[idx], pool.w_bits[idx], pool.a_bits[idx],
-                                            noise_sets(c)["select"], [metric])[:, 0])
-        j = int(np.argmin(sel))
-        genome, space = pool.genomes[idx[j]]
-        out.append(Finalist(genome, space, _num(pool.fitness[idx[j]]), _num(sel[j]),
-                            f"best of {len(idx)} by {metric.name} on the select noise, of every candidate the run "
-                            f"scored within {bud.limit:,} BitOPs"))
+        own = None
+        if len(idx):
+            sel = nan_to_inf(evaluator.evaluate(pool.timesteps[idx], pool.w_bits[idx], pool.a_bits[idx],
+                                                noise_sets(c)["select"], [metric])[:, 0])
+            j = int(np.argmin(sel))
+            genome, space = pool.genomes[idx[j]]
+            own = Finalist(genome, space, _num(pool.fitness[idx[j]]), _num(sel[j]),
+                           f"best of {len(idx)} by {metric.name} on the select noise, of every candidate the run "
+                           f"scored within {bud.limit:,} BitOPs")
+        smaller = [f for f in out if f is not None and f.selection is not None]
+        prev = min(smaller, key=lambda f: f.selection, default=None)
+        if prev is not None and (own is None or own.selection is None or prev.selection < own.selection):
+            own = dataclasses.replace(prev, note=f"the point of a smaller budget: better by {metric.name} on the "
+                                                 f"select noise than this budget's own candidates; {prev.note}")
+        out.append(own)
     return out
 
 
