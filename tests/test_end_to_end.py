@@ -264,8 +264,9 @@ def test_local_search_end_to_end_counts_its_sensitivity_runs(tmp_path, fid_cache
     assert first["feasible_fraction"] == 1.0
     assert r["best"]["within_budget"] and r["best"]["bitops"] <= r["budget_bitops"]
     # chosen on the select noise among the search's top-k, greedy_bits and the warm start (rescore_starts)
-    assert r["best"]["search"]["select_metric"] == "teacher_mse"
-    assert "by teacher_mse on the select noise" in r["best"]["search"]["note"]
+    assert r["best"]["search"]["select_metric"] == "teacher_inception"  # the default's select metric
+    assert "by teacher_inception on the select noise" in r["best"]["search"]["note"]
+    assert r["best"]["search"]["fitness"] is not None  # also when a warm start wins
     assert "knapsack (weights' share 0.5)" in out.stdout and "timestep DP for the knapsack bits" in out.stdout
     # the knapsack start, its DP schedule and greedy_bits fill the first population after the seed
     assert r["timing"]["sensitivities_seconds"] > 0
