@@ -82,6 +82,11 @@ def genome_key(g: Genome) -> bytes:
     return b"|".join(np.asarray(x, np.int32).tobytes() for x in jax.tree.leaves(g))
 
 
+def stack_genomes(genomes) -> Genome:
+    """Host population (P, ...) of single genomes, numpy leaves."""
+    return jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *genomes)
+
+
 def decode_np(space: SearchSpace, g: Genome):
     """Host decode of a population: timesteps (P, N) descending, w_bits, a_bits (P, L)."""
     ts = np.flip(np.asarray(space.starts, np.int32) + np.asarray(g.timestep_idx), axis=-1)
@@ -116,7 +121,7 @@ def propose(ask, key, state, space: SearchSpace, budget: Budget, visited: set, m
 
     pop, state = ask(key, state)
     pop = jax.tree.map(np.asarray, pop)
-    given = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *warm) if warm else None
+    given = stack_genomes(warm) if warm else None
     if warm:
         pop = _set_rows(pop, slice(-len(warm), None), given)
     pop, cost, feasible = repair(pop)

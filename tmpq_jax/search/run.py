@@ -30,7 +30,8 @@ from tmpq_jax.search import knapsack, local, operators, pareto, sensitivity, tim
 from tmpq_jax.search.algorithm import EvolutionSearch, EvosaxSearch
 from tmpq_jax.search.budget import Budget
 from tmpq_jax.search.cache import cache_key, cache_tag, key_diff
-from tmpq_jax.search.driver import SearchResult, SearchSettings, check_fingerprint, decode_np, evolve, genome_key
+from tmpq_jax.search.driver import (SearchResult, SearchSettings, check_fingerprint, decode_np, evolve, genome_key,
+                                    stack_genomes)
 from tmpq_jax.search.fitness import (METRICS, Evaluator, Metric, NoiseSet, candidate_key, check_metric_for_model,
                                      make_metric, nan_to_inf, purpose_noise)
 from tmpq_jax.search.space import Genome, SearchSpace
@@ -741,7 +742,7 @@ def budget_searches(c, problem: Problem, evaluator: Evaluator, metric: Metric, w
         warm = [bud.greedy_bits(space)] + (knapsack_start(c, problem, sens, bud) if sens is not None else [])
         fill = local.make_fill(bud, sens.w_damage, sens.a_damage) if sens is not None else None
         if order:
-            best = jax.tree.map(lambda *x: np.stack(x), *[pool.genomes[i][0] for i in order])
+            best = stack_genomes([pool.genomes[i][0] for i in order])
             best, _, ok = bud.repair(best, space)
             best = fill(best) if fill is not None else best
             warm += [jax.tree.map(lambda x: x[j], best) for j in np.flatnonzero(ok)]
@@ -813,8 +814,8 @@ def rescore(c, evaluator: Evaluator, metric: Metric, result: SearchResult, incum
     extra = [(jax.tree.map(np.asarray, f.genome), f.fitness) for f in incumbents
              if f is not None and f.space == result.space and genome_key(f.genome) not in seen]
     rows = top + extra
-    genomes = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in rows])
-    sel = nan_to_inf(evaluator.evaluate(*decode_np(result.space, genomes), noise_sets(c)["select"], [metric])[:, 0])
+    genomes = stack_genomes([g for g, _ in rows])
+    sel = score_on(c, evaluator, result.space, genomes, "select", metric)
     i = int(np.argmin(sel))
     note = f"best of {len(top)} by {metric.name} on the select noise"
     if extra:
@@ -833,6 +834,11 @@ def greedy_variants(space: SearchSpace, budget: Budget) -> list[tuple[Genome, in
     return [(budget.greedy_bits(space, a), a) for a in starts]
 
 
+def score_on(c, evaluator: Evaluator, space: SearchSpace, pop: Genome, purpose: str, metric: Metric) -> np.ndarray:
+    """(P,) scores of a host population by `metric` on the run's noise set of `purpose` (cached; NaN -> inf)."""
+    return nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)[purpose], [metric])[:, 0])
+
+
 def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric,
                     select: Metric | None = None) -> Finalist | None:
     """`greedy_bits`: lowest bits, then the smallest sites raised to the highest choice within the budget; also
@@ -843,13 +849,13 @@ def greedy_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric,
     rows = [(g, a) for g, a in greedy_variants(space, budget) if budget.is_feasible(g)]
     if not rows:
         return None
-    pop = jax.tree.map(lambda *x: np.stack(x), *[g for g, _ in rows])
-    fit = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["fitness"], [metric])[:, 0])
+    pop = stack_genomes([g for g, _ in rows])
+    fit = score_on(c, evaluator, space, pop, "fitness", metric)
     if len(rows) == 1:
         i, sel, by = 0, None, "the only feasible one"
     else:
         by_metric = select or metric
-        scores = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["select"], [by_metric])[:, 0])
+        scores = score_on(c, evaluator, space, pop, "select", by_metric)
         i = int(np.argmin(scores))
         sel, by = _num(scores[i]), f"better of {len(rows)} by {by_metric.name} on the select noise"
     return Finalist(rows[i][0], space, _num(fit[i]), sel,
@@ -864,10 +870,10 @@ def knapsack_finalist(c, problem: Problem, evaluator: Evaluator, metric: Metric,
     space = problem.space
     if not genomes:
         return None
-    pop = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *genomes)
-    fit = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["fitness"], [metric])[:, 0])
+    pop = stack_genomes(genomes)
+    fit = score_on(c, evaluator, space, pop, "fitness", metric)
     by_metric = select or metric
-    scores = nan_to_inf(evaluator.evaluate(*decode_np(space, pop), noise_sets(c)["select"], [by_metric])[:, 0])
+    scores = score_on(c, evaluator, space, pop, "select", by_metric)
     i = int(np.argmin(scores))
     weight = list(c.knapsack_weights)[i] if i < len(c.knapsack_weights) else None
     return Finalist(jax.tree.map(lambda x: x[i], pop), space, _num(fit[i]), _num(scores[i]),
@@ -1023,22 +1029,20 @@ def _run_search(c: ml_collections.ConfigDict, workdir: str, resume: bool) -> dic
             print(f"timestep DP for the knapsack bits: {decode_np(problem.space, start[-1])[0].tolist()}", flush=True)
     if sens is not None:
         lap("sensitivities")
-    if c.algorithm != "local":  # the reference GA keeps its own repair (sensitivities only for the baseline)
-        sens = None
+    search_sens = sens if c.algorithm == "local" else None  # the reference GA keeps its own repair
     searches = run_searches(c, problem, evaluator, metric_set.fitness, workdir, resume,
-                            start + ([greedy.genome] if greedy is not None else []), sens)
+                            start + ([greedy.genome] if greedy is not None else []), search_sens)
     lap("search")
     searches.update(budget_searches(c, problem, evaluator, metric_set.fitness, workdir, resume, searches, [greedy],
-                                    sens))
+                                    search_sens))
     lap("front_search")
     n_evals = sum(int((r.log["level"] >= 0).sum()) for r in searches.values())
     timing["candidates_per_second"] = n_evals / max(sum(float(r.log["seconds"].sum()) for r in searches.values()),
                                                     1e-9)
     incumbents = [greedy] if c.get("rescore_incumbents", False) else []
     if c.get("rescore_starts", False) and start:  # the warm start: a search that only drifted from it returns it
-        pop = jax.tree.map(lambda *x: np.stack([np.asarray(v) for v in x]), *start)
-        fit = nan_to_inf(evaluator.evaluate(*decode_np(problem.space, pop), noise_sets(c)["fitness"],
-                                            [metric_set.fitness])[:, 0])  # cached where the search scored it
+        fit = score_on(c, evaluator, problem.space, stack_genomes(start), "fitness",
+                       metric_set.fitness)  # cached where the search scored it
         incumbents += [Finalist(jax.tree.map(np.asarray, g), problem.space, _num(f), None, "warm start")
                        for g, f in zip(start, fit)]
     best = rescore(c, evaluator, metric_set.selection, searches["joint"], incumbents)
