@@ -223,6 +223,7 @@ def test_default_configs_validate():
     assert paper.get_config().select_metric == "" and "knapsack" not in paper.get_config().baselines
     b = search_benchmark_base.get_config()
     assert (b.select_metric, b.sensitivity_samples, b.sensitivity_mac_share, b.sample_batch) == ("", 8, 0.9, 16)
+    assert b.sensitivity_metric == "fitness" and default.get_config().sensitivity_metric == "deviation"
 
 
 def test_impossible_budget_is_a_clear_error(tmp_path):
