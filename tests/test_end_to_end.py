@@ -58,6 +58,11 @@ def test_search_writes_results_with_all_fields(tiny_run):
     assert knap["search"]["selection"] is not None and knap["search"]["select_metric"] == "teacher_inception"
     assert r["best"]["search"]["select_metric"] == "teacher_inception"
     assert r["timing"]["sampling_runs"] > r["timing"]["sensitivity_runs"] == 9  # all-top + 8 probes (mac share 0.3)
+    # scored by deviation from the all-top images (the default): >= 0, 0 at the top, and some probe moved the images
+    z = np.load(work / "sensitivities.npz")
+    assert r["config"]["sensitivity_metric"] == "deviation" and '"metric": "deviation"' in str(z["key"])
+    assert (z["w_damage"] >= 0).all() and (z["a_damage"] >= 0).all() and z["w_damage"][:, 1:].max() > 0
+    assert (z["w_damage"][:, 0] == 0).all() and (z["a_damage"][:, 0] == 0).all()
     assert len(r["history"]) == r["config"]["generations"]
     assert set(r["history"][0]) >= {"generation", "best", "median", "feasible_fraction", "new"}
     assert r["timing"]["candidates_per_second"] > 0

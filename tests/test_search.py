@@ -185,6 +185,7 @@ def _config():
     (dict(budgets=(0.75, 0.0)), r"config.budgets has 0.0; valid: fractions of the default budget in \(0, 4\]"),
     (dict(budgets=(12.5,)), r"config.budgets has 12.5; valid: .* whole BitOPs counts > 4"),
     (dict(sensitivity_mac_share=0.0), r"sensitivity_mac_share=0.0 is invalid; valid: in \(0, 1\]"),
+    (dict(sensitivity_metric="mse"), r"sensitivity_metric='mse' is invalid; valid: one of \['fitness', 'deviation'\]"),
     (dict(pareto_generations=-1), r"pareto_generations=-1 is invalid; valid: an integer >= 0"),
     (dict(act_range_norm=0.5), r"act_range_norm=0.5 is invalid; valid: a number >= 1"),
     (dict(act_range_norm=float("nan")), r"act_range_norm=nan is invalid"),
@@ -222,6 +223,7 @@ def test_default_configs_validate():
     assert paper.get_config().select_metric == "" and "knapsack" not in paper.get_config().baselines
     b = search_benchmark_base.get_config()
     assert (b.select_metric, b.sensitivity_samples, b.sensitivity_mac_share, b.sample_batch) == ("", 8, 0.9, 16)
+    assert b.sensitivity_metric == "fitness" and default.get_config().sensitivity_metric == "deviation"
 
 
 def test_impossible_budget_is_a_clear_error(tmp_path):

@@ -82,3 +82,18 @@ def test_unprobed_sites_get_the_median_damage_per_mac():
         np.testing.assert_allclose(dw[site], 2.0 * m * noise, rtol=1e-12)
         np.testing.assert_allclose(da[site], 2.0 * m * noise, rtol=1e-12)
     np.testing.assert_allclose(dw[3], 3.0 * 40 * noise, rtol=1e-12)  # probed sites keep their own damage
+
+
+@pytest.mark.parametrize("probe_images, want", [
+    ([[[0.0, 0.0], [1.0, 1.0]]], [0.0]),                    # the all-top images themselves: no deviation
+    ([[[1.0, 0.0], [1.0, 1.0]]], [0.25]),                   # one of four pixels off by 1
+    ([[[0.0, 0.0], [1.0, 1.0]], [[-1.0, 0.0], [1.0, 3.0]]], [0.0, 1.25]),  # (1 + 4) / 4, per probe
+])
+def test_deviation_scores_are_mean_squared_differences_to_the_all_top_images(probe_images, want):
+    top = np.array([[0.0, 0.0], [1.0, 1.0]])  # n = 2 samples of 2 pixels
+    np.testing.assert_allclose(sens.deviation_scores(top, np.array(probe_images)), want)
+
+
+def test_deviation_scores_refuse_images_of_another_shape():
+    with pytest.raises(ValueError, match=r"probe images \(1, 3, 2\) do not match the all-top images \(2, 2\)"):
+        sens.deviation_scores(np.zeros((2, 2)), np.zeros((1, 3, 2)))

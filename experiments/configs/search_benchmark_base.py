@@ -15,6 +15,7 @@ def get_config():
     c.select_metric = ""  # the fitness's; --select_metric sets another
     c.sensitivity_samples = 8
     c.sensitivity_mac_share = 0.9
+    c.sensitivity_metric = "fitness"
     c.sample_batch = 16
     c.generations = 6
     c.pareto_generations = 2

@@ -165,6 +165,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     need("sensitivity_samples", isinstance(c.sensitivity_samples, int) and c.sensitivity_samples >= 2,
          "an integer >= 2")
     need("sensitivity_mac_share", 0.0 < c.sensitivity_mac_share <= 1.0, "in (0, 1] (1: probe every site)")
+    need("sensitivity_metric", c.get("sensitivity_metric", "fitness") in SENSITIVITY_METRICS,
+         f"one of {list(SENSITIVITY_METRICS)}")
     for name in ("dp_per_group", "dp_samples"):
         need(name, isinstance(c[name], int) and c[name] >= 1, "an integer >= 1")
     # one front for every budget
@@ -566,16 +568,21 @@ class Sensitivities:
     noise: NoiseSet
 
 
+SENSITIVITY_METRICS = ("fitness", "deviation")
+
+
 def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric, workdir: Path) -> Sensitivities:
-    """The all-top candidate and one probe per searched operand and probed bit-width (`sensitivity.probes`),
-    scored by the fitness on the fitness noise at `sensitivity_samples`; cached in workdir/sensitivities.npz under
-    a key of every setting that changes them."""
+    """The all-top candidate and one probe per searched operand and probed bit-width (`sensitivity.probes`) on the
+    fitness noise at `sensitivity_samples`, scored by `sensitivity_metric`: the fitness, or the deviation of each
+    probe's images from the all-top candidate's (`sensitivity.deviation_scores`); cached in
+    workdir/sensitivities.npz under a key of every setting that changes them."""
     budget, space = problem.budget, problem.space
     noise = NoiseSet(c.noise_seed, "fitness", c.sensitivity_samples)
     plist = sensitivity.probes(budget, c.sensitivity_probe_bits, c.sensitivity_mac_share)
-    key = cache_key("samples", c, problem.checkpoint_sha, metric=metric.name, noise=noise.describe(),
-                    probe_bits=sorted(c.sensitivity_probe_bits), mac_share=c.sensitivity_mac_share,
-                    sites=list(problem.sites.paths))
+    how = c.get("sensitivity_metric", "fitness")
+    key = cache_key("samples", c, problem.checkpoint_sha, metric=metric.name if how == "fitness" else how,
+                    noise=noise.describe(), probe_bits=sorted(c.sensitivity_probe_bits),
+                    mac_share=c.sensitivity_mac_share, sites=list(problem.sites.paths))
     path = workdir / "sensitivities.npz"
     if path.exists():
         with np.load(path) as z:
@@ -590,12 +597,20 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
     n_sites = int(sensitivity.probed_sites(budget, c.sensitivity_mac_share).sum())
     print(f"sensitivities: {len(w)} probes (all-top, and one operand of one site at "
           f"{sorted(c.sensitivity_probe_bits)} bits; the {n_sites} largest of {len(budget.macs)} sites, "
-          f"{c.sensitivity_mac_share:.0%} of the MACs) on {noise.n} fitness samples", flush=True)
+          f"{c.sensitivity_mac_share:.0%} of the MACs) on {noise.n} fitness samples, by "
+          f"{metric.name if how == 'fitness' else 'deviation from the all-top images'}", flush=True)
     before = evaluator.sampled
-    scores = np.concatenate([evaluator.evaluate(ts[i:i + c.population_size], choices[w[i:i + c.population_size]],
-                                                choices[a[i:i + c.population_size]], noise, [metric])[:, 0]
-                             for i in tqdm(range(0, len(w), c.population_size), desc="sensitivities",
-                                           unit="batch", mininterval=2.0)])
+    batches = range(0, len(w), c.population_size)
+    if how == "fitness":
+        scores = np.concatenate([evaluator.evaluate(ts[i:i + c.population_size], choices[w[i:i + c.population_size]],
+                                                    choices[a[i:i + c.population_size]], noise, [metric])[:, 0]
+                                 for i in tqdm(batches, desc="sensitivities", unit="batch", mininterval=2.0)])
+    else:  # the all-top images first, then each batch of probes against them (never all images in memory)
+        top = evaluator.sample(ts[:1], choices[w[:1]], choices[a[:1]], noise)[0]
+        scores = np.concatenate([np.zeros(1)] + [sensitivity.deviation_scores(top, evaluator.sample(
+            ts[i:i + c.population_size], choices[w[i:i + c.population_size]], choices[a[i:i + c.population_size]],
+            noise)) for i in tqdm(range(1, len(w), c.population_size), desc="sensitivities", unit="batch",
+                                  mininterval=2.0)])
     runs = evaluator.sampled - before
     wd, ad = sensitivity.damage_tables(budget, plist, scores[1:], float(scores[0]))
     if checkpoint.is_primary():

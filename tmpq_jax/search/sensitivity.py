@@ -4,6 +4,12 @@ A probe is the all-top candidate (DDIM-quad timesteps, every site at the highest
 *or* activations at a lower choice. `probes` lists them; `damage_tables` turns probe scores into (L, B) damage per
 operand (0 at the top), the additive model of the knapsack (`knapsack.additive_damage`).
 
+The probe score is the fitness (`damage = fitness(probe) - fitness(all-top)`, today's default) or the
+*deviation*: the mean squared pixel difference between the probe's images and the all-top candidate's on the same
+noise (`deviation_scores`). The fitness difference is a small change of a large error (the few-step sampler against
+the fine teacher), so on a few samples it can be negative and its offset (the all-top score's own noise) shifts every
+probe alike; the deviation measures the probe's own effect, is >= 0 and 0 at the top.
+
 Probing every lower choice costs 2 L (B - 1) sampler runs (672 for mnist-small). `probe_bits` limits the probes to
 some choices; the other lower choices are then interpolated from the probed ones by the quantization-noise model
 damage(b) proportional to 4^-b (uniform quantization noise power halves its step per bit), fitted per operand on the
@@ -70,6 +76,14 @@ def probe_bits_arrays(budget: Budget, plist: list[Probe]) -> tuple[np.ndarray, n
     for k, p in enumerate(plist):
         (w if p.operand == "w" else a)[k, p.site] = p.bit_idx
     return w, a
+
+
+def deviation_scores(top: np.ndarray, probe_images: np.ndarray) -> np.ndarray:
+    """(P,) mean squared difference of each probe's images (P, n, ...) to the all-top candidate's (n, ...)."""
+    top, probe_images = np.asarray(top, np.float64), np.asarray(probe_images, np.float64)
+    if probe_images.shape[1:] != top.shape:
+        raise ValueError(f"probe images {probe_images.shape} do not match the all-top images {top.shape}")
+    return np.mean((probe_images - top[None]) ** 2, axis=tuple(range(1, probe_images.ndim)))
 
 
 def damage_tables(budget: Budget, plist: list[Probe], scores, base_score: float) -> tuple[np.ndarray, np.ndarray]:
