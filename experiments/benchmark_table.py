@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 METHOD_LABELS = (
-    ("local", "**local** (the default search)"),
+    ("local", "local search"),
     ("greedy_bits", "`greedy_bits`"),
     ("knapsack", "knapsack start alone"),
     ("steps_then_bits", "steps-then-bits"),

@@ -39,7 +39,7 @@ def test_methods_table_rows_columns_and_ratio_spread():
     lines = bt.methods_table(ROWS, num_steps=(10,), seeds=(0, 1, 2), suffix="^ti").splitlines()
     assert len(lines) == 2 + len(bt.METHOD_LABELS)
     local = lines[2].split(" | ")
-    assert local[1] == "**local** (the default search)"
+    assert local[1] == "local search"
     assert local[4] == "26.0 [25.0, 27.0] / 21.0"
     assert local[5] == "1.00x [0.90, 1.10] (2 seeds) |"   # mean of 0.90 and 1.10; seed 2 has no greedy row
     random = [line for line in lines if "random search" in line][0]
