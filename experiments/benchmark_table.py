@@ -6,6 +6,8 @@ Inception FID over the seeds that ran: mean and [min, max].
 
 python experiments/benchmark_table.py benchmarks/search_benchmark_o1_cpu.json --suffix ^teacher_inception \
     --readme README.md      # rewrites the table between <!-- methods-table --> and <!-- /methods-table -->
+python experiments/benchmark_table.py benchmarks/search_benchmark_deviation_cpu.json --methods local,greedy_bits,knapsack \
+    --marker deviation-table --readme README.md
 """
 
 import argparse
@@ -23,7 +25,7 @@ METHOD_LABELS = (
     ("precision_only", "precision-only"),
     ("random", "random search with repair"),
 )
-BEGIN, END = "<!-- methods-table -->", "<!-- /methods-table -->"
+MARKER = "methods-table"  # the README block is <!-- MARKER --> ... <!-- /MARKER -->
 
 
 def ratio(row: dict, greedy: dict, metric: str) -> float:
@@ -42,12 +44,17 @@ def cell(row: dict | None, greedy: dict | None) -> str:
     return text
 
 
-def methods_table(rows: dict, num_steps=(10, 5), seeds=(0, 1, 2), suffix: str = "") -> str:
-    """Markdown: one line per (N, method), one column per seed, then the Inception FID ratio over seeds."""
+def methods_table(rows: dict, num_steps=(10, 5), seeds=(0, 1, 2), suffix: str = "", methods=None) -> str:
+    """Markdown: one line per (N, method) (`methods`: a subset of METHOD_LABELS' names, default all), one column
+    per seed, then the Inception FID ratio over seeds."""
+    labels = [(m, label) for m, label in METHOD_LABELS if methods is None or m in methods]
+    unknown = set(methods or ()) - {m for m, _ in METHOD_LABELS}
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; valid: {[m for m, _ in METHOD_LABELS]}")
     lines = ["| N | method | " + " | ".join(f"seed {s}" for s in seeds) + " | Inception FID ratio, mean [min, max] |",
              "|---|---|" + "---|" * (len(seeds) + 1)]
     for n in num_steps:
-        for method, label in METHOD_LABELS:
+        for method, label in labels:
             cells, ratios = [], []
             for s in seeds:
                 row = rows.get(f"N{n}/seed{s}/{method}{suffix}")
@@ -61,8 +68,10 @@ def methods_table(rows: dict, num_steps=(10, 5), seeds=(0, 1, 2), suffix: str = 
     return "\n".join(lines)
 
 
-def replace_table(text: str, table: str) -> str:
-    """Put `table` between the markers; refuses a text without exactly one pair."""
+def replace_table(text: str, table: str, marker: str = MARKER) -> str:
+    """Put `table` between the markers <!-- marker --> and <!-- /marker -->; refuses a text without exactly one
+    pair."""
+    BEGIN, END = f"<!-- {marker} -->", f"<!-- /{marker} -->"
     pattern = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.S)
     if len(pattern.findall(text)) != 1:
         raise ValueError(f"expected exactly one {BEGIN} ... {END} block, found {len(pattern.findall(text))}")
@@ -75,15 +84,18 @@ def main(argv=None) -> None:
     p.add_argument("--suffix", default="^teacher_inception", help="row suffix: the select metric the rows ran with")
     p.add_argument("--num_steps", default="10,5")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    p.add_argument("--marker", default=MARKER, help="name of the README block to rewrite")
     p.add_argument("--readme", type=Path, help="rewrite the table in this file instead of printing it")
     a = p.parse_args(argv)
     rows = json.loads(a.benchmark_json.read_text())["rows"]
     table = methods_table(rows, tuple(int(n) for n in a.num_steps.split(",")),
-                          tuple(int(s) for s in a.seeds.split(",")), a.suffix)
+                          tuple(int(s) for s in a.seeds.split(",")), a.suffix,
+                          a.methods.split(",") if a.methods else None)
     if a.readme is None:
         print(table)
     else:
-        a.readme.write_text(replace_table(a.readme.read_text(), table))
+        a.readme.write_text(replace_table(a.readme.read_text(), table, a.marker))
         print(f"wrote the table into {a.readme}")
 
 

@@ -48,9 +48,19 @@ def test_methods_table_rows_columns_and_ratio_spread():
     assert greedy[-1] == " |"                              # no ratio for greedy itself
 
 
+def test_methods_subset_keeps_the_label_order_and_refuses_unknown_names():
+    lines = bt.methods_table(ROWS, num_steps=(10,), seeds=(0,), suffix="^ti", methods=["knapsack", "local"])
+    assert [line.split(" | ")[1] for line in lines.splitlines()[2:]] == ["local search", "knapsack start alone"]
+    with pytest.raises(ValueError, match=r"unknown methods \['lokal'\]"):
+        bt.methods_table(ROWS, methods=["lokal"])
+
+
 def test_replace_table_between_markers_only():
-    text = f"intro\n{bt.BEGIN}\nold | table\n{bt.END}\nafter\n"
-    assert bt.replace_table(text, "new") == f"intro\n{bt.BEGIN}\nnew\n{bt.END}\nafter\n"
+    BEGIN, END = "<!-- methods-table -->", "<!-- /methods-table -->"
+    text = f"intro\n{BEGIN}\nold | table\n{END}\nafter\n"
+    assert bt.replace_table(text, "new") == f"intro\n{BEGIN}\nnew\n{END}\nafter\n"
+    other = "<!-- other -->\nx\n<!-- /other -->"
+    assert bt.replace_table(text + other, "y", "other") == text + "<!-- other -->\ny\n<!-- /other -->"
     with pytest.raises(ValueError, match="found 0"):
         bt.replace_table("no markers", "new")
     with pytest.raises(ValueError, match="found 2"):
