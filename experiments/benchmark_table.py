@@ -6,8 +6,8 @@ Inception FID over the seeds that ran: mean and [min, max].
 
 python experiments/benchmark_table.py benchmarks/search_benchmark_o1_cpu.json --suffix ^teacher_inception \
     --readme README.md      # rewrites the table between <!-- methods-table --> and <!-- /methods-table -->
-python experiments/benchmark_table.py benchmarks/search_benchmark_deviation_cpu.json --methods local,greedy_bits,knapsack \
-    --marker deviation-table --readme README.md
+python experiments/benchmark_table.py benchmarks/search_benchmark_deviation_cpu.json \
+    --methods local,greedy_bits,knapsack --marker deviation-table --readme README.md
 """
 
 import argparse

@@ -77,6 +77,7 @@ def main(argv):
                      "activations": rank_agreement([a for _, a, _ in sens]),
                      "both": rank_agreement([np.concatenate([w, a]) for w, a, _ in sens])}
         print(f"N={n}: Spearman of the seeds' damages {agreement['both']}", flush=True)
+        # the pooled tables were scored on three noise sets; `noise` only describes them (the knapsack ignores it)
         pooled = run_mod.Sensitivities(np.mean([w for w, _, _ in sens], 0), np.mean([a for _, a, _ in sens], 0),
                                        sum(r for _, _, r in sens), NoiseSet(seeds[0], "fitness", 0))
         optima = run_mod.knapsack_start(c0, problem, pooled)

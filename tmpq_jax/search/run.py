@@ -600,17 +600,20 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
           f"{c.sensitivity_mac_share:.0%} of the MACs) on {noise.n} fitness samples, by "
           f"{metric.name if how == 'fitness' else 'deviation from the all-top images'}", flush=True)
     before = evaluator.sampled
-    batches = range(0, len(w), c.population_size)
+
+    def rows(i, j):  # decoded probes i..j-1
+        return ts[i:j], choices[w[i:j]], choices[a[i:j]]
+
+    P = c.population_size
     if how == "fitness":
-        scores = np.concatenate([evaluator.evaluate(ts[i:i + c.population_size], choices[w[i:i + c.population_size]],
-                                                    choices[a[i:i + c.population_size]], noise, [metric])[:, 0]
-                                 for i in tqdm(batches, desc="sensitivities", unit="batch", mininterval=2.0)])
+        scores = np.concatenate([evaluator.evaluate(*rows(i, i + P), noise, [metric])[:, 0]
+                                 for i in tqdm(range(0, len(w), P), desc="sensitivities", unit="batch",
+                                               mininterval=2.0)])
     else:  # the all-top images first, then each batch of probes against them (never all images in memory)
-        top = evaluator.sample(ts[:1], choices[w[:1]], choices[a[:1]], noise)[0]
-        scores = np.concatenate([np.zeros(1)] + [sensitivity.deviation_scores(top, evaluator.sample(
-            ts[i:i + c.population_size], choices[w[i:i + c.population_size]], choices[a[i:i + c.population_size]],
-            noise)) for i in tqdm(range(1, len(w), c.population_size), desc="sensitivities", unit="batch",
-                                  mininterval=2.0)])
+        top = evaluator.sample(*rows(0, 1), noise)[0]
+        scores = np.concatenate([np.zeros(1)] + [
+            sensitivity.deviation_scores(top, evaluator.sample(*rows(i, i + P), noise))
+            for i in tqdm(range(1, len(w), P), desc="sensitivities", unit="batch", mininterval=2.0)])
     runs = evaluator.sampled - before
     wd, ad = sensitivity.damage_tables(budget, plist, scores[1:], float(scores[0]))
     if checkpoint.is_primary():

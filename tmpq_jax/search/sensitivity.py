@@ -4,8 +4,8 @@ A probe is the all-top candidate (DDIM-quad timesteps, every site at the highest
 *or* activations at a lower choice. `probes` lists them; `damage_tables` turns probe scores into (L, B) damage per
 operand (0 at the top), the additive model of the knapsack (`knapsack.additive_damage`).
 
-The probe score is the fitness (`damage = fitness(probe) - fitness(all-top)`, today's default) or the
-*deviation*: the mean squared pixel difference between the probe's images and the all-top candidate's on the same
+The probe score is the fitness (`damage = fitness(probe) - fitness(all-top)`) or the *deviation* (the default
+config's): the mean squared pixel difference between the probe's images and the all-top candidate's on the same
 noise (`deviation_scores`). The fitness difference is a small change of a large error (the few-step sampler against
 the fine teacher), so on a few samples it can be negative and its offset (the all-top score's own noise) shifts every
 probe alike; the deviation measures the probe's own effect, is >= 0 and 0 at the top.
