@@ -10,6 +10,8 @@ next to `greedy_bits` of the same benchmark JSON.
 
 python experiments/sensitivity_noise.py --num_steps 10,5 --workdir runs/search_benchmark_o1 \
     --benchmark benchmarks/search_benchmark_o1_cpu.json --out benchmarks/sensitivity_noise_cpu.json
+python experiments/sensitivity_noise.py --agreement_only --num_steps 10,5 --workdir runs/search_benchmark_dev \
+    --out benchmarks/sensitivity_agreement_deviation_cpu.json       # the deviation tables' agreement
 """
 
 import json
@@ -45,6 +47,7 @@ flags.DEFINE_integer("heldout_samples", 500, "Report-noise samples per held-out 
 flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
 flags.DEFINE_string("out", "benchmarks/sensitivity_noise_cpu.json", "Output JSON.")
+flags.DEFINE_bool("agreement_only", False, "Only the seeds' rank agreement (no knapsack, no sampling).")
 
 
 def rank_agreement(tables: list[np.ndarray]) -> dict:
@@ -77,6 +80,12 @@ def main(argv):
                      "activations": rank_agreement([a for _, a, _ in sens]),
                      "both": rank_agreement([np.concatenate([w, a]) for w, a, _ in sens])}
         print(f"N={n}: Spearman of the seeds' damages {agreement['both']}", flush=True)
+        negative = [int((w < 0).sum() + (a < 0).sum()) for w, a, _ in sens]
+        if FLAGS.agreement_only:
+            result[f"N{n}"] = {"seeds": seeds, "rank_agreement": agreement, "negative_entries": negative}
+            result.update({"command": " ".join(sys.argv), "workdir": FLAGS.workdir, "method_dir": FLAGS.method_dir})
+            out_path.write_text(json.dumps(result, indent=1))
+            continue
         # the pooled tables were scored on three noise sets; `noise` only describes them (the knapsack ignores it)
         pooled = run_mod.Sensitivities(np.mean([w for w, _, _ in sens], 0), np.mean([a for _, a, _ in sens], 0),
                                        sum(r for _, _, r in sens), NoiseSet(seeds[0], "fitness", 0))
@@ -109,7 +118,7 @@ def main(argv):
                   f"{ {m: round(v, 3) for m, v in per_seed[str(s)]['ratio_to_greedy'].items()} }", flush=True)
         result[f"N{n}"] = {
             "seeds": seeds, "sensitivity_samples_each": c0.sensitivity_samples,
-            "probe_runs_each": [r for _, _, r in sens], "rank_agreement": agreement,
+            "probe_runs_each": [r for _, _, r in sens], "rank_agreement": agreement, "negative_entries": negative,
             "optima": [{"knapsack_weight": float(wt), "w_bits": wb[i].tolist(), "a_bits": ab[i].tolist(),
                         "bitops": int(problem.budget.cost(wb[i], ab[i])), "heldout": held[i]}
                        for i, wt in enumerate(c0.knapsack_weights)],
