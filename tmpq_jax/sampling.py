@@ -51,6 +51,58 @@ def make_population_sampler(apply_fn: Callable, sites: SiteTable, strategy: str 
     return sampler
 
 
+def fp_step_targets(apply_fn: Callable, abar: jax.Array, params: Any, timesteps: jax.Array, noise: jax.Array,
+                    labels: Any, sampler_kwargs: dict | None = None) -> tuple[jax.Array, jax.Array]:
+    """The FP DDIM run over `timesteps`: its states x_t (N, n, ...) (the UNet's input at each step) and the state
+    after each step (N, n, ...): the next step's input, the (range-clipped) sample after the last."""
+    final, traj = diffusion.ddim_sample(lambda x, t, y: apply_fn(params, x, t, y), abar, timesteps, noise, labels,
+                                        return_trajectory=True, **(sampler_kwargs or {}))
+    return traj.x, jnp.concatenate([traj.x[1:], final[None]])
+
+
+def make_population_step_errors(apply_fn: Callable, sites: SiteTable, strategy: str = "auto", chunk_size: int = 1,
+                                devices=None, sampler_kwargs: dict | None = None) -> Callable:
+    """errors((w_bits[P,L], a_bits[P,L]), (abar, params, tables, timesteps[N], states, targets, labels)) -> (P, n).
+
+    Each candidate's one-step error from an FP run's `states` (`fp_step_targets`): one quantized DDIM step from the
+    FP state at every step, its squared distance to the FP's next state (`targets`), averaged over the steps and
+    each sample's pixels. Errors do not compound along a trajectory, so a small quantization change gives a small
+    error (the local error of GITS-style step costs; `search.sensitivity`).
+    """
+    kw = dict(sampler_kwargs or {})
+    final_abar = kw.pop("final_abar", 1.0)
+    clip_x0 = kw.get("clip_x0", True)
+    out_range = 1.0 if clip_x0 is False else diffusion._clip_range(clip_x0)
+    step_kw = {k: kw[k] for k in ("prediction_type", "clipped_eps") if k in kw}
+
+    def one(w_bits, a_bits, abar, params, tables, timesteps, states, targets, labels):
+        cand = quant.gather_candidate(tables, sites, w_bits, a_bits)
+        qparams = quant.quantize_params(params, sites, cand)
+        qapply = quant.quantized_apply(apply_fn, sites, cand)
+        abar = jnp.asarray(abar, states.dtype)
+        abar_t = abar[timesteps]
+        abar_next = jnp.concatenate([abar_t[1:], jnp.full((1,), final_abar, abar.dtype)])
+        last = jnp.arange(timesteps.shape[0]) == timesteps.shape[0] - 1
+
+        def step(args):
+            x, t, a_t, a_next, is_last, target = args
+            eps = qapply(qparams, x, jnp.full((x.shape[0],), t, jnp.int32), labels)
+            x_next, _ = diffusion.ddim_step(x, eps, a_t, a_next, clip_x0, **step_kw)
+            if out_range is not None:  # the sampler's output range after its last step
+                x_next = jnp.where(is_last, jnp.clip(x_next, -out_range, out_range), x_next)
+            return jnp.mean((x_next - target) ** 2, axis=tuple(range(1, x.ndim)))
+
+        return jnp.mean(jax.lax.map(step, (states, timesteps, abar_t, abar_next, last, targets)), axis=0)
+
+    run = quant.population_fn(one, strategy, chunk_size, devices)
+
+    def errors(pop, shared):
+        quant.check_candidate_bits_if_concrete(sites, shared[2], pop[0], pop[1])
+        return run(pop, shared)
+
+    return errors
+
+
 def quantized_step_costs(apply_fn: Callable, sites: SiteTable, abar: jax.Array, params: Any, tables: QuantTables,
                          w_bits, a_bits, group_timesteps: list, noise: jax.Array, labels: Any,
                          sampler_kwargs: dict | None = None) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:

@@ -290,6 +290,11 @@ class Evaluator:
         self._fp = jax.jit(lambda params, ts, noise, labels: diffusion.ddim_sample(
             lambda x, t, y: self.apply_fn(params, x, t, y), self.abar, ts, noise, labels, **kw))
         self._decode = jax.jit(self.decode_fn) if self.decode_fn is not None else None
+        self._step_errors = sampling.make_population_step_errors(self.apply_fn, self.sites, self.strategy,
+                                                                 self.chunk_size, sampler_kwargs=kw)
+        self._fp_runs: dict = {}  # (schedule, NoiseSet) -> FP states and next states per batch (the last used)
+        self._fp_targets = jax.jit(lambda params, ts, noise, labels: sampling.fp_step_targets(
+            self.apply_fn, self.abar, params, ts, noise, labels, kw))
 
     def _images(self, samples) -> np.ndarray:
         """Sampler outputs -> images: VAE-decoded for latent models (one batch at a time)."""
@@ -313,6 +318,23 @@ class Evaluator:
             outs.append(np.stack([self._images(o) for o in out]) if self._decode is not None else np.asarray(out))
         self.sampled += len(pop[0])
         return np.concatenate(outs, axis=1)
+
+    def step_errors(self, timesteps, w_bits, a_bits, noise_set: NoiseSet) -> np.ndarray:
+        """(P,) one-step errors of a population on one schedule `timesteps` (N,) (`sampling.
+        make_population_step_errors`): from the FP run's states on `noise_set`, averaged over its samples. One
+        sampler run's UNet passes per candidate (counted in `sampled`)."""
+        ts = jnp.asarray(diffusion.validate_timesteps(np.asarray(timesteps), self.schedule.num_train_timesteps))
+        pop = (jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32))
+        key = (np.asarray(ts).tobytes(), noise_set)
+        if key not in self._fp_runs:  # the FP run of each batch, once per (schedule, noise set)
+            self._fp_runs = {key: [(self._fp_targets(self.params, ts, noise, labels), labels, real)
+                                   for noise, labels, real in self._batches(noise_set)]}
+        outs = []
+        for (states, targets), labels, real in self._fp_runs[key]:
+            outs.append(np.asarray(gather(self._step_errors(pop, (self.abar, self.params, self.tables, ts, states,
+                                                                   targets, labels))))[:, :real])
+        self.sampled += len(pop[0])
+        return np.concatenate(outs, axis=1).mean(axis=1)
 
     def sample_fp(self, timesteps, noise_set: NoiseSet) -> np.ndarray:
         ts = jnp.asarray(diffusion.validate_timesteps(np.asarray(timesteps), self.schedule.num_train_timesteps))

@@ -568,14 +568,16 @@ class Sensitivities:
     noise: NoiseSet
 
 
-SENSITIVITY_METRICS = ("fitness", "deviation")
+SENSITIVITY_METRICS = ("fitness", "deviation", "one_step")
+SENSITIVITY_SCORES = {"deviation": "deviation from the all-top images", "one_step": "one-step error from the FP run"}
 
 
 def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric, workdir: Path) -> Sensitivities:
     """The all-top candidate and one probe per searched operand and probed bit-width (`sensitivity.probes`) on the
-    fitness noise at `sensitivity_samples`, scored by `sensitivity_metric`: the fitness, or the deviation of each
-    probe's images from the all-top candidate's (`sensitivity.deviation_scores`); cached in
-    workdir/sensitivities.npz under a key of every setting that changes them."""
+    fitness noise at `sensitivity_samples`, scored by `sensitivity_metric`: the fitness, the deviation of each
+    probe's images from the all-top candidate's (`sensitivity.deviation_scores`), or its one-step error from the FP
+    run's states (`Evaluator.step_errors`); cached in workdir/sensitivities.npz under a key of every setting that
+    changes them."""
     budget, space = problem.budget, problem.space
     noise = NoiseSet(c.noise_seed, "fitness", c.sensitivity_samples)
     plist = sensitivity.probes(budget, c.sensitivity_probe_bits, c.sensitivity_mac_share)
@@ -598,7 +600,7 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
     print(f"sensitivities: {len(w)} probes (all-top, and one operand of one site at "
           f"{sorted(c.sensitivity_probe_bits)} bits; the {n_sites} largest of {len(budget.macs)} sites, "
           f"{c.sensitivity_mac_share:.0%} of the MACs) on {noise.n} fitness samples, by "
-          f"{metric.name if how == 'fitness' else 'deviation from the all-top images'}", flush=True)
+          f"{SENSITIVITY_SCORES.get(how, metric.name)}", flush=True)
     before = evaluator.sampled
 
     def rows(i, j):  # decoded probes i..j-1
@@ -607,6 +609,10 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
     P = c.population_size
     if how == "fitness":
         scores = np.concatenate([evaluator.evaluate(*rows(i, i + P), noise, [metric])[:, 0]
+                                 for i in tqdm(range(0, len(w), P), desc="sensitivities", unit="batch",
+                                               mininterval=2.0)])
+    elif how == "one_step":  # each probe's one-step error from the FP run's states (all-top first)
+        scores = np.concatenate([evaluator.step_errors(ts[0], *rows(i, i + P)[1:], noise)
                                  for i in tqdm(range(0, len(w), P), desc="sensitivities", unit="batch",
                                                mininterval=2.0)])
     else:  # the all-top images first, then each batch of probes against them (never all images in memory)
