@@ -24,8 +24,8 @@ def test_one_step_error_of_a_one_step_schedule_is_the_sample_error(tiny):
     got = ev.step_errors(ts, wb, ab, noise)
     images = ev.sample(np.repeat(ts[None], 3, 0), wb, ab, noise)
     want = np.mean((images - ev.sample_fp(ts, noise)[None]) ** 2, axis=(1, 2, 3, 4))
-    assert want.min() > 1e-5  # every candidate is off the FP sampler (measured: 1e-4 and up)
-    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert want.min() > 0.05  # every candidate is off the FP sampler (measured: 0.070, 0.132, 0.422)
+    np.testing.assert_allclose(got, want, rtol=1e-5)  # measured: 1.2e-7 (float32 rounding)
 
 
 def test_one_step_errors_vanish_at_full_precision_and_grow_as_bits_drop(tiny):
@@ -37,10 +37,11 @@ def test_one_step_errors_vanish_at_full_precision_and_grow_as_bits_drop(tiny):
     ts = np.array([900, 500, 100])
     bits = np.array([16, 8, 6, 4])
     got = ev.step_errors(ts, np.repeat(bits[:, None], L, 1), np.repeat(bits[:, None], L, 1), noise)
-    assert got[0] < 1e-10 and np.all(np.diff(got) > 0) and got[1] > 1e-8, got
+    # measured: 0, 6.8e-4, 2.4e-3, 1.6e-2
+    assert got[0] < 1e-10 and np.all(np.diff(got) > 0) and got[1] > 1e-4, got
     assert ev.sampled == 4  # one run's UNet passes per candidate
     whole = evaluator(tiny, sample_batch=6).step_errors(ts, np.full((1, L), 4), np.full((1, L), 4), noise)
-    np.testing.assert_allclose(whole, got[3:], rtol=1e-3)
+    np.testing.assert_allclose(whole, got[3:], rtol=1e-5)  # measured: 1.2e-7
 
 
 def test_one_step_errors_refuse_an_uncalibrated_bit_width(tiny):
