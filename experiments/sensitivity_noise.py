@@ -71,6 +71,28 @@ def measured_entries(c, budget) -> tuple[np.ndarray, np.ndarray]:
     return masks["w"], masks["a"]
 
 
+def bit_scaling(tables: list[np.ndarray], measured: np.ndarray, bit_choices) -> dict:
+    """How measured damage scales with bits: for each probed choice above the lowest probed one, the quartiles of
+    damage(b) / damage(lowest) over the sites where both were measured (every seed's table), next to the 4^-b
+    model's ratio (`sensitivity.damage_tables` interpolates unprobed choices by it)."""
+    bits = np.asarray(bit_choices, np.float64)
+    cols = [j for j in range(1, len(bits)) if measured[:, j].any()]
+    low = max(cols, key=lambda j: -bits[j])
+    noise = 4.0 ** -bits
+    out = {}
+    for j in cols:
+        if j == low:
+            continue
+        rows = measured[:, j] & measured[:, low]
+        ok = [rows & (t[:, low] > 0) for t in tables]  # a non-positive lowest-bit damage has no ratio
+        r = np.concatenate([t[m, j] / t[m, low] for t, m in zip(tables, ok)])
+        if len(r):
+            out[f"{int(bits[j])}_over_{int(bits[low])}"] = {
+                "quartiles": [float(q) for q in np.percentile(r, [25, 50, 75])], "n": int(len(r)),
+                "model": float((noise[j] - noise[0]) / (noise[low] - noise[0]))}
+    return out
+
+
 def main(argv):
     del argv
     out_path = Path(FLAGS.out)
@@ -97,6 +119,11 @@ def main(argv):
         negative = [int((w < 0).sum() + (a < 0).sum()) for w, a, _ in sens]
         if FLAGS.agreement_only:
             result[f"N{n}"] = {"seeds": seeds, "rank_agreement": agreement, "negative_entries": negative}
+            if len(c0.sensitivity_probe_bits) > 1:
+                scaling = {"weights": bit_scaling([w for w, _, _ in sens], mw, space.bit_choices),
+                           "activations": bit_scaling([a for _, a, _ in sens], ma, space.bit_choices)}
+                print(f"N={n}: measured damage ratios {scaling}", flush=True)
+                result[f"N{n}"]["bit_scaling"] = scaling
             result.update({"command": " ".join(sys.argv), "workdir": FLAGS.workdir, "method_dir": FLAGS.method_dir})
             out_path.write_text(json.dumps(result, indent=1))
             continue
