@@ -302,11 +302,11 @@ class Evaluator:
             return np.asarray(samples)
         return np.asarray(self._decode(self.params, samples))
 
-    def _batches(self, noise_set: NoiseSet):
+    def _batches(self, noise_set: NoiseSet, batch: int | None = None):
         """(noise, labels, real rows) in batches of one size (`fixed_batches`: one compile for every n)."""
         noise, labels = purpose_noise(noise_set.seed, noise_set.purpose, noise_set.n, self.sample_shape,
                                       self.num_classes)
-        for idx, real in fixed_batches(noise_set.n, self.sample_batch):
+        for idx, real in fixed_batches(noise_set.n, batch or self.sample_batch):
             yield noise[idx], labels[idx], real
 
     def sample(self, timesteps, w_bits, a_bits, noise_set: NoiseSet) -> np.ndarray:
@@ -326,9 +326,11 @@ class Evaluator:
         ts = jnp.asarray(diffusion.validate_timesteps(np.asarray(timesteps), self.schedule.num_train_timesteps))
         pop = (jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32))
         key = (np.asarray(ts).tobytes(), noise_set)
-        if key not in self._fp_runs:  # the FP run of each batch, once per (schedule, noise set)
+        if key not in self._fp_runs:  # the FP run of each batch, once per (schedule, noise set); a set smaller
+            # than sample_batch in one batch of its own size (its own compile: no padded rows computed)
             self._fp_runs = {key: [(self._fp_targets(self.params, ts, noise, labels), labels, real)
-                                   for noise, labels, real in self._batches(noise_set)]}
+                                   for noise, labels, real in self._batches(noise_set, min(noise_set.n,
+                                                                                           self.sample_batch))]}
         outs = []
         for (states, targets), labels, real in self._fp_runs[key]:
             outs.append(np.asarray(gather(self._step_errors(pop, (self.abar, self.params, self.tables, ts, states,

@@ -4,11 +4,15 @@ A probe is the all-top candidate (DDIM-quad timesteps, every site at the highest
 *or* activations at a lower choice. `probes` lists them; `damage_tables` turns probe scores into (L, B) damage per
 operand (0 at the top), the additive model of the knapsack (`knapsack.additive_damage`).
 
-The probe score is the fitness (`damage = fitness(probe) - fitness(all-top)`) or the *deviation* (the default
+The probe score is the fitness (`damage = fitness(probe) - fitness(all-top)`), the *deviation* (the default
 config's): the mean squared pixel difference between the probe's images and the all-top candidate's on the same
-noise (`deviation_scores`). The fitness difference is a small change of a large error (the few-step sampler against
-the fine teacher), so on a few samples it can be negative and its offset (the all-top score's own noise) shifts every
-probe alike; the deviation measures the probe's own effect, is >= 0 and 0 at the top.
+noise (`deviation_scores`), or the *one-step* error (`Evaluator.step_errors`): one quantized sampling step from each
+state of the FP run, its squared distance to the FP's next state, minus the all-top candidate's. The fitness
+difference is a small change of a large error (the few-step sampler against the fine teacher), so on a few samples it
+can be negative and its offset (the all-top score's own noise) shifts every probe alike. The deviation is >= 0 and 0
+at the top, but any change of one site re-rounds the 8-bit activations downstream and the run compounds it: a site at
+7 bits deviates about as much as at 5 (README "One-step sensitivities"). The one-step error does not compound, and
+scales with the bits as the 4^-b model below assumes.
 
 Probing every lower choice costs 2 L (B - 1) sampler runs (672 for mnist-small). `probe_bits` limits the probes to
 some choices; the other lower choices are then interpolated from the probed ones by the quantization-noise model
