@@ -51,3 +51,47 @@ def test_one_step_errors_refuse_an_uncalibrated_bit_width(tiny):
     with pytest.raises(ValueError, match="3"):
         evaluator(tiny).step_errors(np.array([900, 100]), np.full((1, L), 3), np.full((1, L), 8),
                                     NoiseSet(0, "fitness", 2))
+
+
+def test_site_sensitivities_by_one_step_error_are_probe_minus_all_top_and_cached(tiny, tmp_path):
+    """run.site_sensitivities with sensitivity_metric='one_step': each measured damage is the probe's step error minus
+    the all-top candidate's (recomputed here for two probes), every probe counts one run, and the table is cached
+    under a key naming the score; a deviation-scored config does not load it."""
+    import jax
+    import ml_collections
+
+    from tmpq_jax.search import run as run_mod
+    from tmpq_jax.search import sensitivity
+    from tmpq_jax.search.budget import Budget
+    from tmpq_jax.search.fitness import NoiseSet
+    from tmpq_jax.search.space import SearchSpace
+
+    L = len(tiny.sites)
+    space = SearchSpace.create(num_steps=3, num_sites=L, bit_choices=(8, 6, 4), seed_bits=6)
+    budget = Budget.create(tiny.sites, space)
+    problem = run_mod.Problem(tiny.spec, tiny.apply, tiny.params, tiny.sites, space, budget, "sha")
+    c = ml_collections.ConfigDict(dict(noise_seed=0, sensitivity_samples=3, sensitivity_probe_bits=(4,),
+                                       sensitivity_mac_share=0.5, sensitivity_metric="one_step", population_size=4))
+    ev = evaluator(tiny)
+    sens = run_mod.site_sensitivities(c, problem, ev, None, tmp_path)
+    plist = sensitivity.probes(budget, (4,), 0.5)
+    assert sens.runs == len(plist) + 1 == ev.sampled
+    ts = np.asarray(space.timesteps(jax.tree.map(np.asarray, space.seed())))
+    noise = NoiseSet(0, "fitness", 3)
+    check = [plist[0], plist[-1]]  # a weight probe and an activation probe
+    w = np.full((3, L), 8)
+    a = np.full((3, L), 8)
+    for k, p in enumerate(check):
+        (w if p.operand == "w" else a)[k + 1, p.site] = 4
+    s = evaluator(tiny).step_errors(ts, w, a, noise)
+    for k, p in enumerate(check):
+        table = sens.w_damage if p.operand == "w" else sens.a_damage
+        assert table[p.site, p.bit_idx] == pytest.approx(s[k + 1] - s[0], rel=1e-5, abs=1e-9)
+    assert '"one_step"' in str(np.load(tmp_path / "sensitivities.npz")["key"])
+    again = evaluator(tiny)
+    run_mod.site_sensitivities(c, problem, again, None, tmp_path)
+    assert again.sampled == 0  # loaded from the cache
+    c.sensitivity_metric = "deviation"
+    other = evaluator(tiny)
+    run_mod.site_sensitivities(c, problem, other, None, tmp_path)
+    assert other.sampled == len(plist) + 1  # another score: measured again

@@ -600,7 +600,7 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
     print(f"sensitivities: {len(w)} probes (all-top, and one operand of one site at "
           f"{sorted(c.sensitivity_probe_bits)} bits; the {n_sites} largest of {len(budget.macs)} sites, "
           f"{c.sensitivity_mac_share:.0%} of the MACs) on {noise.n} fitness samples, by "
-          f"{SENSITIVITY_SCORES.get(how, metric.name)}", flush=True)
+          f"{SENSITIVITY_SCORES[how] if how in SENSITIVITY_SCORES else metric.name}", flush=True)
     before = evaluator.sampled
 
     def rows(i, j):  # decoded probes i..j-1
