@@ -11,8 +11,7 @@ state of the FP run, its squared distance to the FP's next state, minus the all-
 difference is a small change of a large error (the few-step sampler against the fine teacher), so on a few samples it
 can be negative and its offset (the all-top score's own noise) shifts every probe alike. The deviation is >= 0 and 0
 at the top, but any change of one site re-rounds the 8-bit activations downstream and the run compounds it: a site at
-7 bits deviates about as much as at 5 (README "One-step sensitivities"). The one-step error does not compound, and
-scales with the bits as the 4^-b model below assumes.
+7 bits deviates about as much as at 5 (README "One-step sensitivities"). The one-step error does not compound.
 
 Probing every lower choice costs 2 L (B - 1) sampler runs (672 for mnist-small). `probe_bits` limits the probes to
 some choices; the other lower choices are then interpolated from the probed ones by the quantization-noise model
