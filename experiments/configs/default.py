@@ -54,7 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.expected_genes = 2.0  # genes a local mutant changes on average (ordinal +-1 bit moves)
     c.sensitivity_probe_bits = (5,)  # probed lower choices per operand; the others from the 4^-b noise model
     c.sensitivity_samples = 8  # fitness samples per probe (the probes' sampler runs count in the search's total)
-    c.sensitivity_metric = "deviation"  # probe score: 'deviation' from the all-top images, or the 'fitness' change
+    # probe score: 'deviation' from the all-top images, the 'fitness' change, or the 'one_step' error from the FP run
+    # (README "One-step sensitivities": deviation's knapsack start scored best on held-out noise)
+    c.sensitivity_metric = "deviation"
     c.sensitivity_mac_share = 0.9  # probe the largest sites holding this share of MACs; the rest by the scale model
     # one front for every budget (results.json "pareto", pareto.png): fractions of the budget above (<= 4) or BitOPs
     c.budgets = (0.75, 1.0, 1.4)  # about W5A5+, W6A6 and W7A7 (all-5-bit costs 0.70x at 10 steps)
