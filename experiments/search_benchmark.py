@@ -72,6 +72,9 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables, teachers and samples.")
     flags.DEFINE_string("out", "benchmarks/search_benchmark_cpu.json", "Output JSON (and its plot, .png).")
     flags.DEFINE_bool("plot_only", False, "Only redraw the plot of --out.")
+    flags.DEFINE_string("merge_from", "", "Only copy into --out the rows of this benchmark JSON that --out lacks (same "
+                        "runs and held-out noise; e.g. rows run in parallel into a copy), then rebuild its summary "
+                        "and plot.")
 
 
 def base_config(n: int):
@@ -250,6 +253,10 @@ def extend_out():
     if FLAGS.plot_only:
         plot(result.get("rows", {}), out_path.with_suffix(".png"))
         return
+    if FLAGS.merge_from:
+        merge_rows(result, json.loads(Path(FLAGS.merge_from).read_text()))
+        save(out_path, result)
+        return
     rows = result.setdefault("rows", {})
     bad = [x for x in FLAGS.methods if x not in METHODS]
     if bad:
@@ -335,6 +342,19 @@ def summary(rows: dict) -> dict:
             for m in ("inception_fid", "classifier_fd"):
                 s[f"{m}_mean"] = float(np.mean(s[m]))
     return out
+
+
+def merge_rows(result: dict, other: dict) -> list[str]:
+    """Copy into `result` the rows of `other` it lacks; refuses JSONs of other runs, held-out noise or config."""
+    for k in ("runs", "heldout_noise", "config"):
+        if k in result and result[k] != other.get(k):
+            raise ValueError(f"--merge_from has {k}={other.get(k)!r}, --out has {result[k]!r}: rows of different "
+                             f"settings cannot share one table")
+    added = [k for k in other.get("rows", {}) if k not in result.setdefault("rows", {})]
+    for k in added:
+        result["rows"][k] = other["rows"][k]
+    print(f"merged {len(added)} rows: {added}", flush=True)
+    return added
 
 
 def save(out_path: Path, result: dict) -> None:

@@ -57,3 +57,14 @@ def test_cached_sensitivities_are_charged_as_if_sampled(monkeypatch, charged_by_
     with pytest.raises(RuntimeError):
         sb.run_method("knapsack", m)
     assert ledger.spent == pytest.approx(expected_spent)
+
+
+def test_merge_rows_copies_only_missing_rows_and_refuses_other_settings():
+    noise = {"n": 500, "noise_seed": 7, "noise_purpose": "report"}
+    out = {"runs": 150, "heldout_noise": noise, "config": "base.py", "rows": {"N10/seed0/a": {"v": 1}}}
+    other = {"runs": 150, "heldout_noise": noise, "config": "base.py",
+             "rows": {"N10/seed0/a": {"v": 2}, "N10/seed2/b": {"v": 3}}}
+    assert sb.merge_rows(out, other) == ["N10/seed2/b"]
+    assert out["rows"] == {"N10/seed0/a": {"v": 1}, "N10/seed2/b": {"v": 3}}  # an existing row is kept as it is
+    with pytest.raises(ValueError, match=r"--merge_from has runs=100, --out has 150"):
+        sb.merge_rows(out, dict(other, runs=100))
