@@ -11,7 +11,11 @@ next to `greedy_bits` of the same benchmark JSON.
 python experiments/sensitivity_noise.py --num_steps 10,5 --workdir runs/search_benchmark_o1 \
     --benchmark benchmarks/search_benchmark_o1_cpu.json --out benchmarks/sensitivity_noise_cpu.json
 python experiments/sensitivity_noise.py --agreement_only --num_steps 10,5 --workdir runs/search_benchmark_dev \
-    --out benchmarks/sensitivity_agreement_deviation_cpu.json       # the deviation tables' agreement
+    --config experiments/configs/search_benchmark_deviation.py \
+    --out benchmarks/sensitivity_agreement_deviation_cpu.json       # the deviation tables' measured entries' agreement
+python experiments/sensitivity_noise.py --agreement_only --num_steps 10 --seeds 0 \
+    --config experiments/configs/search_benchmark_onestep_allbits.py --workdir runs/search_benchmark_onestep_allbits \
+    --out benchmarks/sensitivity_bit_scaling_onestep_cpu.json        # how the damage scales with bits
 """
 
 import json
@@ -77,7 +81,7 @@ def bit_scaling(tables: list[np.ndarray], measured: np.ndarray, bit_choices) -> 
     model's ratio (`sensitivity.damage_tables` interpolates unprobed choices by it)."""
     bits = np.asarray(bit_choices, np.float64)
     cols = [j for j in range(1, len(bits)) if measured[:, j].any()]
-    low = max(cols, key=lambda j: -bits[j])
+    low = min(cols, key=lambda j: bits[j])
     noise = 4.0 ** -bits
     out = {}
     for j in cols:

@@ -51,6 +51,15 @@ def make_population_sampler(apply_fn: Callable, sites: SiteTable, strategy: str 
     return sampler
 
 
+def _step_settings(sampler_kwargs: dict | None):
+    """(final_abar, clip_x0, out_range, step kwargs) of one DDIM step as `diffusion.ddim_sample` takes them from
+    `sampler_kwargs`: out_range is the sampler's output range after its last step (1.0 where clip_x0 is False)."""
+    kw = dict(sampler_kwargs or {})
+    clip_x0 = kw.get("clip_x0", True)
+    return (kw.get("final_abar", 1.0), clip_x0, diffusion._clip_range(True if clip_x0 is False else clip_x0),
+            {k: kw[k] for k in ("prediction_type", "clipped_eps") if k in kw})
+
+
 def fp_step_targets(apply_fn: Callable, abar: jax.Array, params: Any, timesteps: jax.Array, noise: jax.Array,
                     labels: Any, sampler_kwargs: dict | None = None) -> tuple[jax.Array, jax.Array]:
     """The FP DDIM run over `timesteps`: its states x_t (N, n, ...) (the UNet's input at each step) and the state
@@ -69,11 +78,7 @@ def make_population_step_errors(apply_fn: Callable, sites: SiteTable, strategy: 
     each sample's pixels. Errors do not compound along a trajectory, so a small quantization change gives a small
     error (the local error of GITS-style step costs; `search.sensitivity`).
     """
-    kw = dict(sampler_kwargs or {})
-    final_abar = kw.pop("final_abar", 1.0)
-    clip_x0 = kw.get("clip_x0", True)
-    out_range = 1.0 if clip_x0 is False else diffusion._clip_range(clip_x0)
-    step_kw = {k: kw[k] for k in ("prediction_type", "clipped_eps") if k in kw}
+    final_abar, clip_x0, out_range, step_kw = _step_settings(sampler_kwargs)
 
     def one(w_bits, a_bits, abar, params, tables, timesteps, states, targets, labels):
         cand = quant.gather_candidate(tables, sites, w_bits, a_bits)
@@ -113,10 +118,7 @@ def quantized_step_costs(apply_fn: Callable, sites: SiteTable, abar: jax.Array, 
     (K_last,)): the mean squared error of one quantized DDIM step from the teacher's state at a source (the noise
     itself for the first group) to the teacher's state at each target, or to the teacher's final sample.
     """
-    kw = dict(sampler_kwargs or {})
-    final_abar = kw.pop("final_abar", 1.0)
-    clip_x0 = kw.get("clip_x0", True)
-    step_kw = {k: kw[k] for k in ("prediction_type", "clipped_eps") if k in kw}
+    final_abar, clip_x0, out_range, step_kw = _step_settings(sampler_kwargs)
     fine = np.concatenate([np.asarray(g, np.int32) for g in group_timesteps])
     if np.any(np.diff(fine) >= 0):
         raise ValueError("group timesteps must be strictly descending across groups, in sampling order")
@@ -128,7 +130,6 @@ def quantized_step_costs(apply_fn: Callable, sites: SiteTable, abar: jax.Array, 
     cand = quant.gather_candidate(tables, sites, jnp.asarray(w_bits, jnp.int32), jnp.asarray(a_bits, jnp.int32))
     qparams = quant.quantize_params(params, sites, cand)
     qapply = quant.quantized_apply(apply_fn, sites, cand)
-    out_range = diffusion._clip_range(True if clip_x0 is False else clip_x0)
 
     def errors(x, t, abar_next, targets, last):
         eps = qapply(qparams, x, jnp.full((x.shape[0],), t, jnp.int32), labels)
