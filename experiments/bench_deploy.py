@@ -35,13 +35,18 @@ from tmpq_jax import deploy, diffusion, models, quant  # noqa: E402
 from tmpq_jax.benchmark import environment, timed  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("exports", [], "name=DIR of quantized checkpoints (experiments/export.py).")
-flags.DEFINE_list("random", [], "Model shapes with random weights, e.g. ddpm-cifar10-32,sd-1.x.")
-flags.DEFINE_integer("repeats", 20, "Timed calls per latency (median).")
-flags.DEFINE_integer("random_steps", 10, "DDIM steps of the random-weight candidates (quad spacing).")
-flags.DEFINE_list("no_generate", [], "Models whose whole-generation latency is skipped (e.g. sd-1.x on a CPU).")
-flags.DEFINE_list("modes", ["fp32", "dequant", "int"], "Rows per checkpoint.")
-flags.DEFINE_string("out", "benchmarks/deploy.json", "Output JSON (rows are written as they finish).")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_list("exports", [], "name=DIR of quantized checkpoints (experiments/export.py).")
+    flags.DEFINE_list("random", [], "Model shapes with random weights, e.g. ddpm-cifar10-32,sd-1.x.")
+    flags.DEFINE_integer("repeats", 20, "Timed calls per latency (median).")
+    flags.DEFINE_integer("random_steps", 10, "DDIM steps of the random-weight candidates (quad spacing).")
+    flags.DEFINE_list("no_generate", [], "Models whose whole-generation latency is skipped (e.g. sd-1.x on a CPU).")
+    flags.DEFINE_list("modes", ["fp32", "dequant", "int"], "Rows per checkpoint.")
+    flags.DEFINE_string("out", "benchmarks/deploy.json", "Output JSON (rows are written as they finish).")
 
 
 def memory(compiled) -> dict | None:
@@ -206,4 +211,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

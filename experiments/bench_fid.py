@@ -18,14 +18,19 @@ from tmpq_jax.metrics import fid
 from tmpq_jax.metrics.inception import INPUT_SIZE, InceptionV3FID
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "benchmarks/fid_features.json", "Output JSON.")
-flags.DEFINE_list("batches", ["16", "50"], "Batch sizes.")
-flags.DEFINE_list("sizes", ["28x1", "32x3"], "Input sizes as SIZExCHANNELS (square images).")
-flags.DEFINE_list("precisions", ["highest"], "Conv precisions ('default' may use TF32/bf16 on accelerators).")
-flags.DEFINE_integer("repeats", 3, "Timed calls per case (median reported).")
-flags.DEFINE_string("cache_dir", None, "Weights cache (default $TMPQ_CACHE or ~/.cache/tmpq_jax).")
-flags.DEFINE_bool("random_weights", False, "Random weights of the same shapes (same cost), for machines without the "
-                  "converted weights, e.g. a lent GPU that cannot fetch them.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("out", "benchmarks/fid_features.json", "Output JSON.")
+    flags.DEFINE_list("batches", ["16", "50"], "Batch sizes.")
+    flags.DEFINE_list("sizes", ["28x1", "32x3"], "Input sizes as SIZExCHANNELS (square images).")
+    flags.DEFINE_list("precisions", ["highest"], "Conv precisions ('default' may use TF32/bf16 on accelerators).")
+    flags.DEFINE_integer("repeats", 3, "Timed calls per case (median reported).")
+    flags.DEFINE_string("cache_dir", None, "Weights cache (default $TMPQ_CACHE or ~/.cache/tmpq_jax).")
+    flags.DEFINE_bool("random_weights", False, "Random weights of the same shapes (same cost), for machines without the "
+                      "converted weights, e.g. a lent GPU that cannot fetch them.")
 
 
 def main(argv):
@@ -57,4 +62,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -22,20 +22,25 @@ from tmpq_jax import diffusion, models, quant, sampling
 from tmpq_jax.benchmark import environment, random_params, timed
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "mnist-small", "Model config name.")
-flags.DEFINE_string("out", "benchmarks/population.json", "Output JSON.")
-flags.DEFINE_integer("pop", 8, "Candidates P.")
-flags.DEFINE_integer("batch", 32, "Images per candidate B.")
-flags.DEFINE_integer("repeats", 5, "Timed calls per case (median reported).")
-flags.DEFINE_list("cases", "fp32,bf16,fakequant_single,loop,vmap,map,auto,sample_fp32,sample_auto",
-                  "Cases to run, in order. sample_* time a whole --steps DDIM run (weights quantized once per run, as "
-                  "in the search) and compare with sample_fp32.")
-flags.DEFINE_integer("steps", 10, "DDIM steps of the sample_* cases.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model and params dtype of every case but bf16 "
-                  "(which is always bfloat16).")
-flags.DEFINE_enum("init", "auto", ["auto", "model", "random"], "Params: the model's initialisers ('model'), or "
-                  "scaled random normals from `jax.eval_shape` shapes ('random': no init compile, for 860M-param "
-                  "UNets); 'auto' = random above 100M params.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("model", "mnist-small", "Model config name.")
+    flags.DEFINE_string("out", "benchmarks/population.json", "Output JSON.")
+    flags.DEFINE_integer("pop", 8, "Candidates P.")
+    flags.DEFINE_integer("batch", 32, "Images per candidate B.")
+    flags.DEFINE_integer("repeats", 5, "Timed calls per case (median reported).")
+    flags.DEFINE_list("cases", "fp32,bf16,fakequant_single,loop,vmap,map,auto,sample_fp32,sample_auto",
+                      "Cases to run, in order. sample_* time a whole --steps DDIM run (weights quantized once per run, as "
+                      "in the search) and compare with sample_fp32.")
+    flags.DEFINE_integer("steps", 10, "DDIM steps of the sample_* cases.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model and params dtype of every case but bf16 "
+                      "(which is always bfloat16).")
+    flags.DEFINE_enum("init", "auto", ["auto", "model", "random"], "Params: the model's initialisers ('model'), or "
+                      "scaled random normals from `jax.eval_shape` shapes ('random': no init compile, for 860M-param "
+                      "UNets); 'auto' = random above 100M params.")
 
 
 def main(argv):
@@ -143,4 +148,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -19,10 +19,15 @@ from tmpq_jax import models  # noqa: E402
 from tmpq_jax.checkpoint import CheckpointError  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "A downloaded diffusers folder (e.g. google/ddpm-cifar10-32).")
-flags.DEFINE_string("out", None, "Output folder for the converted Flax params and configs.")
-flags.DEFINE_string("family", None, f"Model family (default: detected from the folder); one of "
-                    f"{sorted(models.FAMILIES)}.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("model_dir", None, "A downloaded diffusers folder (e.g. google/ddpm-cifar10-32).")
+    flags.DEFINE_string("out", None, "Output folder for the converted Flax params and configs.")
+    flags.DEFINE_string("family", None, f"Model family (default: detected from the folder); one of "
+                        f"{sorted(models.FAMILIES)}.")
 
 
 def main(argv):
@@ -40,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

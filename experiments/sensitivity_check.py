@@ -31,11 +31,16 @@ from tmpq_jax.search.driver import decode_np  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet, nan_to_inf  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "experiments/configs/default.py", "Config (model, calibration, fitness).")
-flags.DEFINE_integer("num_steps", 10, "N.")
-flags.DEFINE_list("shares", ["0.8", "0.9", "0.95"], "mac_share values to compare with the full table.")
-flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables and teachers (shared with search_benchmark.py).")
-flags.DEFINE_string("out", "benchmarks/sensitivity_share_cpu.json", "Output JSON.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("config", "experiments/configs/default.py", "Config (model, calibration, fitness).")
+    flags.DEFINE_integer("num_steps", 10, "N.")
+    flags.DEFINE_list("shares", ["0.8", "0.9", "0.95"], "mac_share values to compare with the full table.")
+    flags.DEFINE_string("workdir", "runs/search_benchmark", "Tables and teachers (shared with search_benchmark.py).")
+    flags.DEFINE_string("out", "benchmarks/sensitivity_share_cpu.json", "Output JSON.")
 
 
 def main(argv):
@@ -94,4 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -39,19 +39,24 @@ from tmpq_jax.search.driver import decode_np, stack_genomes  # noqa: E402
 from tmpq_jax.search.fitness import NoiseSet  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "experiments/configs/search_benchmark_base.py", "The benchmark's base config.")
-flags.DEFINE_list("num_steps", ["10", "5"], "N values.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Benchmark seeds whose sensitivities are pooled.")
-flags.DEFINE_string("workdir", "runs/search_benchmark_o1", "The search benchmark's workdir (tables, teachers).")
-flags.DEFINE_string("method_dir", "knapsack^teacher_inception", "Row directory holding sensitivities.npz.")
-flags.DEFINE_string("select_metric", "teacher_inception", "Metric choosing among the optima on each seed's select "
-                    "noise.")
-flags.DEFINE_string("benchmark", "benchmarks/search_benchmark_o1_cpu.json", "Benchmark JSON with greedy_bits rows.")
-flags.DEFINE_integer("heldout_samples", 500, "Report-noise samples per held-out score.")
-flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
-flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
-flags.DEFINE_string("out", "benchmarks/sensitivity_noise_cpu.json", "Output JSON.")
-flags.DEFINE_bool("agreement_only", False, "Only the seeds' rank agreement (no knapsack, no sampling).")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("config", "experiments/configs/search_benchmark_base.py", "The benchmark's base config.")
+    flags.DEFINE_list("num_steps", ["10", "5"], "N values.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Benchmark seeds whose sensitivities are pooled.")
+    flags.DEFINE_string("workdir", "runs/search_benchmark_o1", "The search benchmark's workdir (tables, teachers).")
+    flags.DEFINE_string("method_dir", "knapsack^teacher_inception", "Row directory holding sensitivities.npz.")
+    flags.DEFINE_string("select_metric", "teacher_inception", "Metric choosing among the optima on each seed's select "
+                        "noise.")
+    flags.DEFINE_string("benchmark", "benchmarks/search_benchmark_o1_cpu.json", "Benchmark JSON with greedy_bits rows.")
+    flags.DEFINE_integer("heldout_samples", 500, "Report-noise samples per held-out score.")
+    flags.DEFINE_integer("heldout_seed", 7, "Seed of the report noise (no search uses it).")
+    flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples.")
+    flags.DEFINE_string("out", "benchmarks/sensitivity_noise_cpu.json", "Output JSON.")
+    flags.DEFINE_bool("agreement_only", False, "Only the seeds' rank agreement (no knapsack, no sampling).")
 
 
 def rank_agreement(tables: list[np.ndarray], measured: np.ndarray | None = None) -> dict:
@@ -176,4 +181,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

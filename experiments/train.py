@@ -6,9 +6,14 @@ from ml_collections import config_flags
 from tmpq_jax.training import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/train_default.py", "Training config file.")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, EMA params and samples.", required=True)
-flags.DEFINE_bool("resume", False, "Continue from DIR/train_state.msgpack if it exists.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    config_flags.DEFINE_config_file("config", "experiments/configs/train_default.py", "Training config file.")
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, EMA params and samples.", required=True)
+    flags.DEFINE_bool("resume", False, "Continue from DIR/train_state.msgpack if it exists.")
 
 
 def main(argv):
@@ -18,4 +23,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,9 +15,14 @@ from tmpq_jax import checkpoint, data
 from tmpq_jax.models.classifier import train_classifier
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "checkpoints/mnist-classifier", "Where params.msgpack and card.json go.")
-flags.DEFINE_integer("epochs", 20, "Training epochs over the 4500 training digits.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that tests can import this module next to
+    other experiments that define the same flag names)."""
+    flags.DEFINE_string("workdir", "checkpoints/mnist-classifier", "Where params.msgpack and card.json go.")
+    flags.DEFINE_integer("epochs", 20, "Training epochs over the 4500 training digits.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
 def main(argv):
@@ -40,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
