@@ -185,7 +185,7 @@ def _config():
     (dict(budgets=(0.75, 0.0)), r"config.budgets has 0.0; valid: fractions of the default budget in \(0, 4\]"),
     (dict(budgets=(12.5,)), r"config.budgets has 12.5; valid: .* whole BitOPs counts > 4"),
     (dict(sensitivity_mac_share=0.0), r"sensitivity_mac_share=0.0 is invalid; valid: in \(0, 1\]"),
-    (dict(sensitivity_metric="mse"), r"sensitivity_metric='mse' is invalid; valid: one of \['fitness', 'deviation', 'one_step'\]"),
+    (dict(sensitivity_metric="mse"), r"sensitivity_metric='mse' is invalid; valid: one of \['fitness', 'deviation', 'one_step', 'noise_model'\]"),
     (dict(pareto_generations=-1), r"pareto_generations=-1 is invalid; valid: an integer >= 0"),
     (dict(act_range_norm=0.5), r"act_range_norm=0.5 is invalid; valid: a number >= 1"),
     (dict(act_range_norm=float("nan")), r"act_range_norm=nan is invalid"),

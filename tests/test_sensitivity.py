@@ -97,3 +97,27 @@ def test_deviation_scores_are_mean_squared_differences_to_the_all_top_images(pro
 def test_deviation_scores_refuse_images_of_another_shape():
     with pytest.raises(ValueError, match=r"probe images \(1, 3, 2\) do not match the all-top images \(2, 2\)"):
         sens.deviation_scores(np.zeros((2, 2)), np.zeros((1, 3, 2)))
+
+
+def test_noise_model_tables_are_macs_times_extra_noise_power_and_zero_where_pinned():
+    dw, da = sens.noise_model_tables(BUDGET)
+    extra = np.array([0.0, 4.0 ** -7 - 4.0 ** -8, 4.0 ** -6 - 4.0 ** -8, 4.0 ** -5 - 4.0 ** -8])
+    np.testing.assert_allclose(da, np.outer([10, 20, 30], extra), rtol=1e-12)
+    np.testing.assert_allclose(dw, np.outer([10, 0, 30], extra), rtol=1e-12)  # site 1's weights pinned
+    # the 4^-b model it assumes: each bit less quadruples the extra noise (to within the top's own 4^-8)
+    assert da[2, 3] / da[2, 2] == pytest.approx(4.0 * (1 - 4.0 ** -3) / (1 - 4.0 ** -2), rel=1e-12)
+
+
+def test_noise_model_sensitivities_spend_no_sampler_runs(tmp_path):
+    from types import SimpleNamespace
+
+    from ml_collections import ConfigDict
+
+    from tmpq_jax.search import run
+
+    c = ConfigDict(dict(noise_seed=3, sensitivity_samples=8, sensitivity_metric="noise_model"))
+    s = run.site_sensitivities(c, SimpleNamespace(budget=BUDGET, space=None), None, None, tmp_path)  # no evaluator
+    assert s.runs == 0 and not list(tmp_path.iterdir())  # nothing sampled, nothing cached
+    want = sens.noise_model_tables(BUDGET)
+    np.testing.assert_array_equal(s.w_damage, want[0])
+    np.testing.assert_array_equal(s.a_damage, want[1])

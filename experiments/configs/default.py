@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.expected_genes = 2.0  # genes a local mutant changes on average (ordinal +-1 bit moves)
     c.sensitivity_probe_bits = (5,)  # probed lower choices per operand; the others from the 4^-b noise model
     c.sensitivity_samples = 8  # fitness samples per probe (the probes' sampler runs count in the search's total)
-    # probe score: 'deviation' from the all-top images, the 'fitness' change, or the 'one_step' error from the FP run
+    # probe score: 'deviation' from the all-top images, the 'fitness' change, the 'one_step' error from the FP run,
+    # or 'noise_model' (no probes: MACs x 4^-b, the control)
     # (README "One-step sensitivities": deviation's knapsack start scored best on held-out noise)
     c.sensitivity_metric = "deviation"
     c.sensitivity_mac_share = 0.9  # probe the largest sites holding this share of MACs; the rest by the scale model

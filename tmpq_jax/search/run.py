@@ -568,7 +568,7 @@ class Sensitivities:
     noise: NoiseSet
 
 
-SENSITIVITY_METRICS = ("fitness", "deviation", "one_step")
+SENSITIVITY_METRICS = ("fitness", "deviation", "one_step", "noise_model")
 SENSITIVITY_SCORES = {"deviation": "deviation from the all-top images", "one_step": "one-step error from the FP run"}
 
 
@@ -577,11 +577,14 @@ def site_sensitivities(c, problem: Problem, evaluator: Evaluator, metric: Metric
     fitness noise at `sensitivity_samples`, scored by `sensitivity_metric`: the fitness, the deviation of each
     probe's images from the all-top candidate's (`sensitivity.deviation_scores`), or its one-step error from the FP
     run's states (`Evaluator.step_errors`); cached in workdir/sensitivities.npz under a key of every setting that
-    changes them."""
+    changes them. `noise_model` probes nothing (`sensitivity.noise_model_tables`)."""
     budget, space = problem.budget, problem.space
     noise = NoiseSet(c.noise_seed, "fitness", c.sensitivity_samples)
-    plist = sensitivity.probes(budget, c.sensitivity_probe_bits, c.sensitivity_mac_share)
     how = c.get("sensitivity_metric", "fitness")
+    if how == "noise_model":  # no probes, no sampler runs: the control of what the probes add
+        print("sensitivities: the quantization-noise model MACs x (4^-b - 4^-top), no probes", flush=True)
+        return Sensitivities(*sensitivity.noise_model_tables(budget), 0, noise)
+    plist = sensitivity.probes(budget, c.sensitivity_probe_bits, c.sensitivity_mac_share)
     key = cache_key("samples", c, problem.checkpoint_sha, metric=metric.name if how == "fitness" else how,
                     noise=noise.describe(), probe_bits=sorted(c.sensitivity_probe_bits),
                     mac_share=c.sensitivity_mac_share, sites=list(problem.sites.paths))

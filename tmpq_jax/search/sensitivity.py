@@ -13,6 +13,9 @@ can be negative and its offset (the all-top score's own noise) shifts every prob
 at the top, but any change of one site re-rounds the 8-bit activations downstream and the run compounds it: a site at
 7 bits deviates about as much as at 5 (README "One-step sensitivities"). The one-step error does not compound.
 
+The *noise model* (`noise_model_tables`) probes nothing: every operand's damage is its MACs times the extra
+quantization noise power of its choice, MACs x (4^-b - 4^-top), the control that says what the probes add.
+
 Probing every lower choice costs 2 L (B - 1) sampler runs (672 for mnist-small). `probe_bits` limits the probes to
 some choices; the other lower choices are then interpolated from the probed ones by the quantization-noise model
 damage(b) proportional to 4^-b (uniform quantization noise power halves its step per bit), fitted per operand on the
@@ -131,3 +134,13 @@ def damage_tables(budget: Budget, plist: list[Probe], scores, base_score: float)
             m[unprobed] = per_mac[None, :] * macs[unprobed, None]
         out.append(m)
     return out[0], out[1]
+
+
+def noise_model_tables(budget: Budget) -> tuple[np.ndarray, np.ndarray]:
+    """(L, B) damage of weights and of activations without probes: MACs x (4^-b - 4^-top) per searched operand
+    (uniform quantization noise power at b bits, relative to the top choice), 0 for pinned operands."""
+    macs = np.asarray(budget.macs, np.float64)
+    noise = 4.0 ** -np.asarray(budget.bit_choices, np.float64)
+    extra = macs[:, None] * (noise - noise[0])[None, :]
+    return tuple(np.where((np.asarray(fixed) == 0)[:, None], extra, 0.0)
+                 for fixed in (budget.fixed_w, budget.fixed_a))
