@@ -29,8 +29,8 @@ def define_flags() -> None:
     flags.DEFINE_list("precisions", ["highest"], "Conv precisions ('default' may use TF32/bf16 on accelerators).")
     flags.DEFINE_integer("repeats", 3, "Timed calls per case (median reported).")
     flags.DEFINE_string("cache_dir", None, "Weights cache (default $TMPQ_CACHE or ~/.cache/tmpq_jax).")
-    flags.DEFINE_bool("random_weights", False, "Random weights of the same shapes (same cost), for machines without the "
-                      "converted weights, e.g. a lent GPU that cannot fetch them.")
+    flags.DEFINE_bool("random_weights", False, "Random weights of the same shapes (same cost), for machines without "
+                      "the converted weights, e.g. a lent GPU that cannot fetch them.")
 
 
 def main(argv):

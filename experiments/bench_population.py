@@ -33,8 +33,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch", 32, "Images per candidate B.")
     flags.DEFINE_integer("repeats", 5, "Timed calls per case (median reported).")
     flags.DEFINE_list("cases", "fp32,bf16,fakequant_single,loop,vmap,map,auto,sample_fp32,sample_auto",
-                      "Cases to run, in order. sample_* time a whole --steps DDIM run (weights quantized once per run, as "
-                      "in the search) and compare with sample_fp32.")
+                      "Cases to run, in order. sample_* time a whole --steps DDIM run (weights quantized once per "
+                      "run, as in the search) and compare with sample_fp32.")
     flags.DEFINE_integer("steps", 10, "DDIM steps of the sample_* cases.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model and params dtype of every case but bf16 "
                       "(which is always bfloat16).")

@@ -106,7 +106,6 @@ def damage_tables(budget: Budget, plist: list[Probe], scores, base_score: float)
         raise ValueError(f"{len(bad)} probes scored non-finite, e.g. site {bad[0].site} {bad[0].operand} at "
                          f"{budget.bit_choices[bad[0].bit_idx]} bits")
     L, B = len(budget.macs), len(budget.bit_choices)
-    bits = np.asarray(budget.bit_choices, np.float64)
     measured = {"w": np.full((L, B), np.nan), "a": np.full((L, B), np.nan)}
     for p, s in zip(plist, scores):
         measured[p.operand][p.site, p.bit_idx] = s - base_score
@@ -114,7 +113,7 @@ def damage_tables(budget: Budget, plist: list[Probe], scores, base_score: float)
     for operand, fixed in (("w", budget.fixed_w), ("a", budget.fixed_a)):
         m = measured[operand]
         m[:, 0] = 0.0
-        noise = 4.0 ** -bits  # relative quantization noise power of each choice
+        extra = extra_noise_power(budget.bit_choices)
         for site in range(L):
             if fixed[site] != 0:
                 m[site] = 0.0
@@ -122,8 +121,8 @@ def damage_tables(budget: Budget, plist: list[Probe], scores, base_score: float)
             known = np.isfinite(m[site])
             known[0] = False
             if known.any() and not known[1:].all():
-                scale = np.mean(m[site, known] / (noise[known] - noise[0]))  # damage per unit of extra noise
-                m[site, ~np.isfinite(m[site])] = scale * (noise[~np.isfinite(m[site])] - noise[0])
+                scale = np.mean(m[site, known] / extra[known])  # damage per unit of extra noise
+                m[site, ~np.isfinite(m[site])] = scale * extra[~np.isfinite(m[site])]
         unprobed = ~np.isfinite(m).all(axis=1)
         if unprobed.any():
             macs = np.asarray(budget.macs, np.float64)
@@ -139,8 +138,13 @@ def damage_tables(budget: Budget, plist: list[Probe], scores, base_score: float)
 def noise_model_tables(budget: Budget) -> tuple[np.ndarray, np.ndarray]:
     """(L, B) damage of weights and of activations without probes: MACs x (4^-b - 4^-top) per searched operand
     (uniform quantization noise power at b bits, relative to the top choice), 0 for pinned operands."""
-    macs = np.asarray(budget.macs, np.float64)
-    noise = 4.0 ** -np.asarray(budget.bit_choices, np.float64)
-    extra = macs[:, None] * (noise - noise[0])[None, :]
+    extra = np.outer(np.asarray(budget.macs, np.float64), extra_noise_power(budget.bit_choices))
     return tuple(np.where((np.asarray(fixed) == 0)[:, None], extra, 0.0)
                  for fixed in (budget.fixed_w, budget.fixed_a))
+
+
+def extra_noise_power(bit_choices) -> np.ndarray:
+    """(B,) 4^-b - 4^-top: the quantization noise power each choice adds over the top one (uniform rounding noise
+    power quarters with each bit), the 4^-b model of `damage_tables` and `noise_model_tables`."""
+    noise = 4.0 ** -np.asarray(bit_choices, np.float64)
+    return noise - noise[0]
